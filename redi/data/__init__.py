@@ -1,0 +1,1 @@
+"""Data stages: the demo digits, ImageNet-style folders -> webdataset shards, and shard reading."""

@@ -1,0 +1,139 @@
+"""ImageNet-style folder -> webdataset tar shards of ADM-cropped PNGs with integer labels."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections import Counter
+from multiprocessing import Pool
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import ReDiError
+from ..io import write_manifest
+from .crop import adm_center_crop
+
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+def list_image_folder(
+    root: str | os.PathLike, num_classes: int | None = None
+) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted folder names -> labels 0..C-1) and every (file, label), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ReDiError(f"input folder not found: {root} (expected <root>/<class>/<image>)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ReDiError(f"no class folders in {root} (expected <root>/<class>/<image>)")
+    if num_classes is not None and len(classes) != num_classes:
+        raise ReDiError(
+            f"{root} has {len(classes)} class folders but dataset.num_classes is {num_classes}"
+        )
+    items = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            f for f in (root / name).iterdir() if f.is_file() and not f.name.startswith(".")
+        )
+        if not files:
+            raise ReDiError(f"empty class folder: {root / name} (add its images or remove it)")
+        items.extend((f, label) for f in files)
+    return classes, items
+
+
+def load_cropped_png(job: tuple[Path, int]) -> tuple[bytes | None, str | None]:
+    """Decode one image, ADM-crop it and re-encode as PNG; on failure return the reason instead."""
+    path, size = job
+    try:
+        with Image.open(path) as image:
+            image.load()
+            pixels = adm_center_crop(image, size)
+    except Exception as err:  # any unreadable file is reported and skipped, never fatal
+        return None, f"{type(err).__name__}: {err}"
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue(), None
+
+
+class _ShardWriter:
+    """Writes consecutive samples into fixed-size tar shards, each renamed into place when full."""
+
+    def __init__(self, out_dir: Path, shard_size: int):
+        self.out_dir, self.shard_size = out_dir, shard_size
+        self.shards: list[dict] = []
+        self._writer: wds.TarWriter | None = None
+
+    def write(self, index: int, png: bytes, label: int) -> None:
+        if self._writer is None:
+            name = SHARD_PATTERN.format(len(self.shards))
+            self._writer = wds.TarWriter(str(self.out_dir / f".{name}.partial"))
+            self.shards.append({"file": name, "first_index": index, "count": 0})
+        self._writer.write({"__key__": f"{index:09d}", "png": png, "cls": label})
+        self.shards[-1]["count"] += 1
+        if self.shards[-1]["count"] == self.shard_size:
+            self.close()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            name = self.shards[-1]["file"]
+            os.replace(self.out_dir / f".{name}.partial", self.out_dir / name)
+            self._writer = None
+
+
+def write_shards(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    image_size: int,
+    shard_size: int = 1000,
+    workers: int = 2,
+    num_classes: int | None = None,
+    config: dict | None = None,
+) -> dict:
+    """Shard an image folder; unreadable files are listed in the manifest and skipped."""
+    start = time.time()
+    classes, items = list_image_folder(root, num_classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(out_dir, shard_size)
+    counts: Counter[str] = Counter()
+    skipped = []
+    jobs = [(path, image_size) for path, _ in items]
+    with Pool(workers) if workers > 0 else _InProcess() as pool:
+        results = pool.imap(load_cropped_png, jobs, chunksize=16)
+        for (path, label), (png, reason) in zip(
+            items, tqdm(results, total=len(items), desc="shard", unit="img"), strict=True
+        ):
+            if png is None:
+                skipped.append({"path": str(path), "reason": reason})
+                continue
+            writer.write(sum(counts.values()), png, label)
+            counts[classes[label]] += 1
+    writer.close()
+    if not counts:
+        raise ReDiError(f"no readable image in {root}: all {len(items)} files were skipped")
+    return write_manifest(
+        out_dir / "manifest.json", "shard", config or {},
+        source=str(root), image_size=image_size, num_samples=sum(counts.values()),
+        num_classes=len(classes), classes=classes,
+        counts_per_class={name: counts[name] for name in classes},
+        shards=writer.shards, skipped=skipped, wall_time_s=round(time.time() - start, 2),
+    )
+
+
+class _InProcess:
+    """Stand-in for multiprocessing.Pool when workers == 0."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap(fn, jobs, chunksize=1):
+        return map(fn, jobs)

@@ -1,0 +1,75 @@
+"""Encoder registry: config names an encoder by `name` + `weights` (hub id, folder or file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ReDiError
+from .vae import LatentEncoder, load_vae
+from .vit import PatchFeatureEncoder, load_vit
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    kind: str  # "vae" -> LatentEncoder, "vit" -> PatchFeatureEncoder
+    default_weights: str | None = None
+    arch: str | None = None  # timm architecture, for weights given as a single file
+    model_args: dict = field(default_factory=dict)
+
+
+ENCODERS = {
+    "sd-vae": EncoderSpec("vae", "stabilityai/sd-vae-ft-ema"),
+    "standin-vae": EncoderSpec("vae"),
+    "dinov2-vitb14-reg4": EncoderSpec(
+        "vit", "timm/vit_base_patch14_reg4_dinov2.lvd142m",
+        arch="vit_base_patch14_reg4_dinov2", model_args={"img_size": 224},
+    ),
+    "standin-vit": EncoderSpec("vit"),
+}
+
+_PATH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def is_local(weights: str) -> bool:
+    """True when `weights` names a local path rather than a hub id."""
+    return (
+        Path(weights).exists() or weights.startswith(("/", ".", "~"))
+        or weights.endswith(_PATH_SUFFIXES)
+    )
+
+
+def load_encoder(
+    name: str, weights: str | None = None, device: str | torch.device = "cpu", grid: int | None = None
+) -> LatentEncoder | PatchFeatureEncoder:
+    """Build a registered encoder with its weights, in eval mode on `device`."""
+    if name not in ENCODERS:
+        raise ReDiError(f"unknown encoder '{name}'; registered: {', '.join(ENCODERS)}")
+    spec = ENCODERS[name]
+    weights = weights or spec.default_weights
+    if weights is None:
+        raise ReDiError(f"encoder '{name}' needs weights: a folder made by train-standins")
+    if is_local(weights) and not Path(weights).expanduser().exists():
+        raise ReDiError(f"weights not found: {weights} (encoder '{name}')")
+    try:
+        if spec.kind == "vae":
+            return LatentEncoder(load_vae(weights)).to(device)
+        model = load_vit(weights, arch=spec.arch, **spec.model_args)
+        return PatchFeatureEncoder(model, grid=grid).to(device)
+    except ReDiError:
+        raise
+    except Exception as err:
+        where = "local weights" if is_local(weights) else "hub id (offline? pass a local path)"
+        raise ReDiError(
+            f"could not load encoder '{name}' from {where} '{weights}': "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,30 @@
+"""Image -> VAE posterior (mean, std): SD-VAE or a stand-in, both diffusers AutoencoderKL."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+
+def load_vae(weights: str) -> AutoencoderKL:
+    """An AutoencoderKL from a hub id (e.g. stabilityai/sd-vae-ft-ema) or a local folder."""
+    return AutoencoderKL.from_pretrained(weights)
+
+
+class LatentEncoder(nn.Module):
+    """uint8 NHWC images -> posterior mean and std (N, C, H/f, W/f), float32."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(vae.config.latent_channels)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.vae.parameters()).device
+        x = images.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        posterior = self.vae.encode(x).latent_dist
+        return posterior.mean.float(), posterior.std.float()

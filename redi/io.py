@@ -1,0 +1,93 @@
+"""Atomic artifact writes and stage manifests: a half-written file never looks complete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ReDiError
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a JSON-able config section."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def git_revision() -> str | None:
+    """The git revision of the package checkout, or None when not installed from git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_manifest(
+    path: str | os.PathLike,
+    stage: str,
+    config: dict,
+    inputs: dict[str, str | os.PathLike] | None = None,
+    **fields: Any,
+) -> dict:
+    """Write a stage's manifest.json: config and its hash, code version, input hashes, results."""
+    manifest = {
+        "stage": stage,
+        "config": config,
+        "config_hash": config_hash(config),
+        "redi_version": __version__,
+        "git_revision": git_revision(),
+        "inputs": {
+            name: {"path": str(p), "sha256": sha256_file(p)} for name, p in (inputs or {}).items()
+        },
+        **fields,
+    }
+    write_json(path, manifest)
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Read a stage manifest, with a clear error when the upstream stage has not finished."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReDiError(f"manifest not found: {path} (run the stage that writes it first)")
+    return json.loads(path.read_text())

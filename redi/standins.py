@@ -1,0 +1,153 @@
+"""Stand-in encoders for the offline demo: a small AutoencoderKL and a small timm ViT.
+
+Pretrained SD-VAE and DINOv2 cannot be downloaded offline, so the demo trains small networks of the
+same families on its own shards and saves them in the formats the real loaders read (a diffusers
+folder, a timm hub-layout folder). encode-latents and extract-features then load them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import reduce
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from timm.models import save_for_hf
+from tqdm import tqdm
+
+from .data.reader import iter_batches
+from .io import read_manifest, write_manifest
+
+
+def load_all_images(manifest_path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image (uint8 NHWC) and label of a small sharded dataset, in index order."""
+    n = read_manifest(manifest_path)["num_samples"]
+    images, labels = None, torch.empty(n, dtype=torch.long)
+    for idx, img, lab in iter_batches(manifest_path, batch_size=256):
+        if images is None:
+            images = torch.empty((n, *img.shape[1:]), dtype=torch.uint8)
+        images[idx], labels[idx] = img, lab
+    return images, labels
+
+
+def build_standin_vae(channels: list[int], latent_channels: int, image_size: int) -> AutoencoderKL:
+    """A small SD-VAE-like AutoencoderKL; len(channels) levels -> downsampling 2^(levels-1)."""
+    groups = min(32, reduce(math.gcd, channels))
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=["DownEncoderBlock2D"] * len(channels),
+        up_block_types=["UpDecoderBlock2D"] * len(channels),
+        block_out_channels=list(channels), layers_per_block=1, norm_num_groups=groups,
+        sample_size=image_size,
+    )
+
+
+def vit_args(cfg: dict, image_size: int, num_classes: int) -> dict:
+    return dict(img_size=image_size, patch_size=cfg["vit_patch"], embed_dim=cfg["vit_dim"],
+                depth=cfg["vit_depth"], num_heads=cfg["vit_heads"], num_classes=num_classes)
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """Index batches for `steps` steps, reshuffled every epoch."""
+    order = torch.randperm(n, generator=generator)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
+
+
+def _to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(images, train_idx, test_idx, cfg, generator) -> tuple[AutoencoderKL, dict]:
+    """Reconstruction MSE + small KL; returns the model and held-out reconstruction metrics."""
+    vae = build_standin_vae(cfg["vae_channels"], cfg["vae_latent_channels"], images.shape[1])
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
+    bar = tqdm(_batches(len(train_idx), cfg["batch_size"], cfg["vae_steps"], generator),
+               total=cfg["vae_steps"], desc="stand-in VAE", unit="step")
+    for batch in bar:
+        x = _to_unit(images[train_idx[batch]])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg["vae_kl_weight"] * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(mse=f"{mse.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        means, errors = [], []
+        for i in range(0, len(images), 256):
+            x = _to_unit(images[i : i + 256])
+            mean = vae.encode(x).latent_dist.mean
+            means.append(mean)
+            errors.append(((vae.decode(mean).sample - x) ** 2).flatten(1).mean(1))
+        means, errors = torch.cat(means), torch.cat(errors)
+    scaling = float(1.0 / means[train_idx].std())  # unit-variance latents, like SD-VAE's 0.18215
+    vae.register_to_config(scaling_factor=scaling)
+    test_mse = float(errors[test_idx].mean())
+    return vae, {"test_mse": test_mse, "test_psnr_db": 10 * math.log10(4.0 / test_mse),
+                 "scaling_factor": scaling, "latent_shape": list(means.shape[1:])}
+
+
+def train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator):
+    """Digit classification from the class token (small random shifts as augmentation)."""
+    vit = timm.create_model("vit_small_patch8_224", pretrained=False,
+                            **vit_args(cfg, images.shape[1], num_classes))
+    opt = torch.optim.AdamW(vit.parameters(), lr=cfg["vit_lr"], weight_decay=0.05)
+    encoder_mean = torch.tensor(vit.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    encoder_std = torch.tensor(vit.pretrained_cfg["std"]).view(1, 3, 1, 1)
+
+    def prepare(idx):
+        return ((images[idx].permute(0, 3, 1, 2).float() / 255.0) - encoder_mean) / encoder_std
+
+    bar = tqdm(_batches(len(train_idx), cfg["batch_size"], cfg["vit_steps"], generator),
+               total=cfg["vit_steps"], desc="stand-in ViT", unit="step")
+    for batch in bar:
+        idx = train_idx[batch]
+        shift = [int(s) for s in torch.randint(-2, 3, (2,), generator=generator)]
+        x = torch.roll(prepare(idx), shifts=shift, dims=(2, 3))
+        loss = F.cross_entropy(vit(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    vit.eval()
+    with torch.no_grad():
+        pred = torch.cat([vit(prepare(test_idx[i : i + 256])).argmax(1)
+                          for i in range(0, len(test_idx), 256)])
+    accuracy = float((pred == labels[test_idx]).float().mean())
+    return vit, {"final_train_loss": loss.item(), "test_accuracy": accuracy}
+
+
+def train_standins(shard_manifest: str | os.PathLike, out_dir: str | os.PathLike, cfg: dict) -> dict:
+    """Train both stand-ins and save them under out_dir/vae (diffusers) and out_dir/vit (timm)."""
+    start = time.time()
+    torch.manual_seed(cfg["seed"])
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    images, labels = load_all_images(shard_manifest)
+    num_classes = read_manifest(shard_manifest)["num_classes"]
+    order = torch.randperm(len(images), generator=generator)
+    n_test = max(1, int(round(cfg["holdout"] * len(images))))
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    out_dir = Path(out_dir)
+
+    vae, vae_report = train_vae(images, train_idx, test_idx, cfg, generator)
+    vae.save_pretrained(out_dir / "vae", safe_serialization=True)
+    vit, vit_report = train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator)
+    save_for_hf(vit, out_dir / "vit", model_args=vit_args(cfg, images.shape[1], num_classes),
+                safe_serialization=True)
+    return write_manifest(
+        out_dir / "manifest.json", "train_standins", cfg, inputs={"shards": shard_manifest},
+        vae=vae_report, vit=vit_report, num_train=len(train_idx), num_test=len(test_idx),
+        wall_time_s=round(time.time() - start, 2),
+    )
