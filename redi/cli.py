@@ -7,12 +7,13 @@ the keys (pca.rank_max -> --rank-max). Defaults come from --configfile if given,
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import add_config_flags, config_from_args
+from .config import add_config_flags, config_from_args, key_table
 from .errors import ReDiError
 
 # The config keys each stage reads: {section: [keys] or None for all}. Snakemake's rules pass
@@ -28,18 +29,32 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
                          "pca": ["rank_max"], "latents": ["flip"]},
 }
 # Keys that change how fast a stage runs, not what it writes: not part of the rerun hash.
-RESOURCE_KEYS = {"workers", "batch_size"}
-NEURAL_STAGES = {"train-standins", "encode-latents", "extract-features", "project-features"}
+RESOURCE_KEYS = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
+                 "features": {"workers", "batch_size"}}
+# What changing a key outside STAGE_KEYS does (for the key table of config/README.md).
+OTHER_KEYS = {
+    "results": "none: a different results folder",
+    "device": "none: where the neural stages run",
+    "dataset.name": "none: a different results/<name> folder",
+    "dataset.root": "shard (and all after it)",
+}
+NEURAL_STAGES = {"encode-latents", "extract-features", "project-features"}
 
 
 def stage_config(config: dict, stage: str, resources: bool = True) -> dict:
     """The part of a full config that `stage` reads (without resource keys if resources=False)."""
     out = {}
+    config = copy.deepcopy(config)
     for section, keys in STAGE_KEYS[stage].items():
         values = config.get(section, {})
-        out[section] = {k: v for k, v in values.items()
-                        if (keys is None or k in keys) and (resources or k not in RESOURCE_KEYS)}
+        skip = set() if resources else RESOURCE_KEYS.get(section, set())
+        out[section] = {k: v for k, v in values.items() if (keys is None or k in keys) and k not in skip}
     return out
+
+
+def config_key_table() -> str:
+    """The key table of config/README.md (tests check that the README holds the current one)."""
+    return key_table(STAGE_KEYS, RESOURCE_KEYS, OTHER_KEYS)
 
 
 def _run_demo_data(args, cfg):
@@ -89,7 +104,7 @@ def _run_extract_features(args, cfg):
 
 
 def _run_fit_pca(args, cfg):
-    from .features import fit_pca_file
+    from .pca import fit_pca_file
 
     fit_pca_file(args.features, args.out, config=cfg)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,17 @@ def _with_defaults(cls):
     def properties(validator, props, instance, schema):
         if isinstance(instance, dict):
             for key, sub in props.items():
-                if "default" in sub:
-                    instance.setdefault(key, copy.deepcopy(sub["default"]))
+                if "default" not in sub:
+                    continue
+                default = sub["default"]
+                if key not in instance:
+                    instance[key] = copy.deepcopy(default)
+                elif isinstance(instance[key], dict) and isinstance(default, dict):
+                    # a partly given block (e.g. encoder: {weights: X}) takes its required keys
+                    # from the block's default; optional ones keep their own defaults
+                    for required in _resolve(sub).get("required", []):
+                        if required not in instance[key] and required in default:
+                            instance[key][required] = copy.deepcopy(default[required])
         yield from check_properties(validator, props, instance, schema)
 
     return validators.extend(cls, {"properties": properties})
@@ -152,3 +162,35 @@ def config_from_args(args: argparse.Namespace, sections: list[str]) -> dict:
                 node = node.setdefault(part, {})
             node[leaf] = value
     return validate_config(config, source="command line")
+
+
+def key_table(
+    stage_keys: dict[str, dict[str, list[str] | None]],
+    resource_keys: dict[str, set[str]],
+    readers_of: dict[str, str],
+) -> str:
+    """A Markdown table of every config key: type, default, meaning and the stages it reruns.
+
+    `readers_of` gives the entry for keys outside STAGE_KEYS (paths, device, dataset root).
+    """
+    defaults = validate_config({"dataset": {"name": "NAME"}})
+    rows = ["| key | type | default | read by (reruns on change) | meaning |",
+            "| --- | --- | --- | --- | --- |"]
+    for section, node in load_schema()["properties"].items():
+        for path, leaf in _leaves(node):
+            value: Any = defaults[section]
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            key = ".".join((section, *path))
+            readers = ", ".join(stage for stage, keys in stage_keys.items() if section in keys
+                                and (keys[section] is None or (path and path[0] in keys[section])))
+            if path and path[-1] in resource_keys.get(section, ()):
+                readers = f"{readers} (speed only: reruns nothing)"
+            kind = leaf.get("type", "")
+            kind = " or ".join(kind) if isinstance(kind, list) else kind
+            if "enum" in leaf:
+                kind = " / ".join(f"`{v}`" for v in leaf["enum"])
+            text = " ".join(leaf.get("description", "").split())
+            rows.append(f"| `{key}` | {kind} | `{json.dumps(value)}` | "
+                        f"{readers_of.get(key, readers)} | {text} |")
+    return "\n".join(rows)

@@ -1,4 +1,4 @@
-"""User-facing errors: the CLI prints these as one line, without a stack trace."""
+"""User-facing errors: the CLI prints their message (one line per problem), never a stack trace."""
 
 
 class ReDiError(Exception):

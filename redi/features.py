@@ -6,7 +6,6 @@ import os
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -16,7 +15,7 @@ from .encoders import PatchFeatureEncoder
 from .errors import ReDiError
 from .h5store import ResumableH5
 from .io import read_manifest, write_manifest
-from .pca import fit_pca, project, save_pca
+from .pca import project
 
 
 def class_ranges(shard_manifest: dict) -> list[tuple[int, int]]:
@@ -94,38 +93,6 @@ def extract_features(
         images_per_s=round((len(sample) - done_before) / max(elapsed, 1e-9), 2),
         images_per_class=np.bincount(labels_of(shards)[sample], minlength=len(shards["classes"]))
         .tolist(),
-    )
-
-
-def iter_token_chunks(features_path: str | os.PathLike, rows_per_chunk: int = 32):
-    """Stream (rows*tokens, D) float32 blocks of a features.h5 file, never loading all of it."""
-    with h5py.File(features_path, "r") as f:
-        tokens = f["tokens"]
-        for i in range(0, len(tokens), rows_per_chunk):
-            block = tokens[i : i + rows_per_chunk]
-            yield block.reshape(-1, block.shape[-1]).astype(np.float32)
-
-
-def fit_pca_file(
-    features_path: str | os.PathLike, out_path: str | os.PathLike, config: dict | None = None
-) -> dict:
-    """fit-pca: standardisation + PCA of every token in features.h5 -> pca.npz + manifest."""
-    start = time.time()
-    with h5py.File(features_path, "r") as f:
-        dim = f["tokens"].shape[-1]
-    rows = max(1, (1 << 22) // (dim * 256))  # ~4M values (32 MB float64) per chunk
-    pca = fit_pca(tqdm(iter_token_chunks(features_path, rows), desc="fit-pca", unit="chunk"), dim)
-    save_pca(out_path, pca)
-    ratio = np.cumsum(pca["explained_variance_ratio"])
-    return write_manifest(
-        Path(out_path).with_name("manifest.json"), "fit_pca", config or {},
-        inputs={"features": Path(features_path).with_name("manifest.json")},
-        num_vectors=int(pca["num_vectors"]), dim=int(dim),
-        cumulative_variance_ratio={r: round(float(ratio[r - 1]), 4)
-                                   for r in (1, 2, 4, 8, 16, 32, 64) if r <= dim},
-        component_std={r + 1: round(float(s), 4)
-                       for r, s in enumerate(np.sqrt(pca["explained_variance"][:32]))},
-        wall_time_s=round(time.time() - start, 2),
     )
 
 

@@ -60,8 +60,12 @@ class ResumableH5:
     def write(self, rows: np.ndarray, **arrays: np.ndarray) -> None:
         """Write `arrays[name][i]` to row `rows[i]` of each dataset, then mark the rows done."""
         rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
         order = np.argsort(rows)
         rows = rows[order]
+        if (np.diff(rows) == 0).any():
+            raise ValueError("ResumableH5.write: the same row appears twice in one batch")
         contiguous = rows[-1] - rows[0] + 1 == len(rows)
         where = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
         for name, values in arrays.items():

@@ -70,6 +70,9 @@ def write_manifest(
     **fields: Any,
 ) -> dict:
     """Write a stage's manifest.json: config and its hash, code version, input hashes, results."""
+    for name, p in (inputs or {}).items():
+        if not Path(p).is_file():
+            raise ReDiError(f"input manifest '{name}' not found: {p} (run the stage that writes it)")
     manifest = {
         "stage": stage,
         "config": config,

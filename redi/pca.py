@@ -7,12 +7,15 @@ those of the correlation matrix; results equal sklearn's PCA on StandardScaler o
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import h5py
 import numpy as np
+from tqdm import tqdm
 
-from .io import atomic_path
+from .io import atomic_path, write_manifest
 
 
 class MomentAccumulator:
@@ -25,7 +28,12 @@ class MomentAccumulator:
         self.outer = np.zeros((dim, dim), dtype=np.float64)
 
     def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64).reshape(-1, self.sum.shape[0])
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape[-1] != len(self.sum):
+            raise ValueError(f"expected vectors of dimension {len(self.sum)}, got shape {x.shape}")
+        x = x.reshape(-1, len(self.sum))
+        if len(x) == 0:
+            return
         if self.shift is None:
             self.shift = x.mean(axis=0)
         x = x - self.shift
@@ -84,3 +92,35 @@ def save_pca(path: str | os.PathLike, pca: dict[str, np.ndarray]) -> None:
 def load_pca(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with np.load(Path(path), allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def iter_token_chunks(features_path: str | os.PathLike, rows_per_chunk: int = 32) -> Iterator[np.ndarray]:
+    """Stream (rows*tokens, D) float32 blocks of a features.h5 file, never loading all of it."""
+    with h5py.File(features_path, "r") as f:
+        tokens = f["tokens"]
+        for i in range(0, len(tokens), rows_per_chunk):
+            block = tokens[i : i + rows_per_chunk]
+            yield block.reshape(-1, block.shape[-1]).astype(np.float32)
+
+
+def fit_pca_file(
+    features_path: str | os.PathLike, out_path: str | os.PathLike, config: dict | None = None
+) -> dict:
+    """fit-pca: standardisation + PCA of every token in features.h5 -> pca.npz + manifest."""
+    start = time.time()
+    with h5py.File(features_path, "r") as f:
+        _, tokens, dim = f["tokens"].shape
+    rows = max(1, (1 << 20) // (tokens * dim))  # ~1M values per chunk: a few float64 copies, ~30 MB
+    pca = fit_pca(tqdm(iter_token_chunks(features_path, rows), desc="fit-pca", unit="chunk"), dim)
+    save_pca(out_path, pca)
+    ratio = np.cumsum(pca["explained_variance_ratio"])
+    return write_manifest(
+        Path(out_path).with_name("manifest.json"), "fit_pca", config or {},
+        inputs={"features": Path(features_path).with_name("manifest.json")},
+        num_vectors=int(pca["num_vectors"]), dim=int(dim),
+        cumulative_variance_ratio={r: round(float(ratio[r - 1]), 4)
+                                   for r in (1, 2, 4, 8, 16, 32, 64) if r <= dim},
+        component_std={r + 1: round(float(s), 4)
+                       for r, s in enumerate(np.sqrt(pca["explained_variance"][:32]))},
+        wall_time_s=round(time.time() - start, 2),
+    )

@@ -34,10 +34,10 @@ _PATH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
 def is_local(weights: str) -> bool:
-    """True when `weights` names a local path rather than a hub id."""
+    """True when `weights` names a local path rather than a hub id (which is `owner/name`)."""
     return (
         Path(weights).exists() or weights.startswith(("/", ".", "~"))
-        or weights.endswith(_PATH_SUFFIXES)
+        or weights.endswith(_PATH_SUFFIXES) or weights.count("/") != 1
     )
 
 
@@ -55,9 +55,9 @@ def load_encoder(
         raise ReDiError(f"weights not found: {weights} (encoder '{name}')")
     try:
         if spec.kind == "vae":
-            return LatentEncoder(load_vae(weights)).to(device)
+            return LatentEncoder(load_vae(weights)).to(device).eval()
         model = load_vit(weights, arch=spec.arch, **spec.model_args)
-        return PatchFeatureEncoder(model, grid=grid).to(device)
+        return PatchFeatureEncoder(model, grid=grid).to(device).eval()
     except ReDiError:
         raise
     except Exception as err:

@@ -9,7 +9,7 @@ from torch import nn
 
 def load_vae(weights: str) -> AutoencoderKL:
     """An AutoencoderKL from a hub id (e.g. stabilityai/sd-vae-ft-ema) or a local folder."""
-    return AutoencoderKL.from_pretrained(weights)
+    return AutoencoderKL.from_pretrained(weights, low_cpu_mem_usage=False)  # no accelerate needed
 
 
 class LatentEncoder(nn.Module):

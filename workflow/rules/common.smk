@@ -1,0 +1,146 @@
+# Config validation, versioned result paths, CLI flags and code versions shared by all rules.
+import hashlib
+import shlex
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+from redi.cli import STAGE_KEYS, stage_config
+from redi.config import flag_name
+from redi.config import validate_config
+from redi.errors import ConfigError
+from redi.io import config_hash
+
+min_version("8.20")
+
+try:
+    config.update(validate_config(config, source="config"))  # fills every default
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+REPO = Path(workflow.basedir)
+DATASET = config["dataset"]["name"]
+RESULTS = config["results"]
+
+# Result folder names of the stages.
+FOLDER = {
+    "demo-data": "images",
+    "shard": "shards",
+    "train-standins": "standins",
+    "encode-latents": "latents",
+    "extract-features": "features",
+    "fit-pca": "pca",
+    "project-features": "pca_features",
+}
+
+# The redi modules each stage runs: editing one reruns that stage and its descendants.
+CODE = {
+    "demo-data": ["redi/data/demo.py", "redi/io.py"],
+    "shard": ["redi/data/shard.py", "redi/data/crop.py", "redi/io.py"],
+    "train-standins": ["redi/standins.py", "redi/data/reader.py"],
+    "encode-latents": ["redi/latents.py", "redi/encoders", "redi/h5store.py", "redi/data/reader.py"],
+    "extract-features": ["redi/features.py", "redi/encoders", "redi/h5store.py", "redi/data/reader.py"],
+    "fit-pca": ["redi/features.py", "redi/pca.py"],
+    "project-features": ["redi/features.py", "redi/pca.py", "redi/encoders", "redi/h5store.py",
+                         "redi/data/reader.py"],
+}
+
+
+def uses_standin(section):
+    return config[section]["encoder"]["name"].startswith("standin-")
+
+
+def upstream(stage):
+    """The stages whose outputs `stage` reads."""
+    standins = ["train-standins"]
+    return {
+        "demo-data": [],
+        "shard": [] if config["dataset"]["root"] else ["demo-data"],
+        "train-standins": ["shard"],
+        "encode-latents": ["shard"] + (standins if uses_standin("latents") else []),
+        "extract-features": ["shard"] + (standins if uses_standin("features") else []),
+        "fit-pca": ["extract-features"],
+        "project-features": ["shard", "fit-pca"] + (standins if uses_standin("features") else []),
+    }[stage]
+
+
+def version(stage):
+    """Hash of the stage's result-changing config keys and of its inputs' versions.
+
+    Changing a key gives the stage (and its descendants) a new folder, so earlier results stay
+    and switching back costs nothing; code edits rerun a stage in place (see code_version).
+    """
+    own = stage_config(config, stage, resources=False)
+    if stage == "shard":
+        own["root"] = config["dataset"]["root"]
+    return config_hash({"config": own, "inputs": [version(s) for s in upstream(stage)]})[:8]
+
+
+def stage_dir(stage):
+    return f"{RESULTS}/{DATASET}/{FOLDER[stage]}/{version(stage)}"
+
+
+def manifest(stage):
+    return f"{stage_dir(stage)}/manifest.json"
+
+
+def log_file(stage):
+    return f"logs/{DATASET}/{FOLDER[stage]}-{version(stage)}.log"
+
+
+def benchmark_file(stage):
+    return f"logs/{DATASET}/benchmarks/{FOLDER[stage]}-{version(stage)}.tsv"
+
+
+def code_version(stage):
+    """sha256 over the source files a stage runs (Snakemake's code trigger sees only the shell line)."""
+    digest = hashlib.sha256()
+    for entry in CODE[stage]:
+        path = REPO / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(REPO).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _flags(values, prefix=()):
+    for key, value in sorted(values.items()):  # sorted: key order in a YAML file must not matter
+        path = (*prefix, key)
+        if isinstance(value, dict):
+            yield from _flags(value, path)
+        elif isinstance(value, bool):
+            yield flag_name(path) if value else "--no-" + flag_name(path)[2:]
+        elif isinstance(value, list):
+            yield " ".join([flag_name(path)] + [shlex.quote(str(v)) for v in value])
+        else:
+            yield f"{flag_name(path)} {shlex.quote('none' if value is None else str(value))}"
+
+
+def cli_flags(stage, **overrides):
+    """The stage's result-changing config keys as `redi <stage>` flags (resources go separately)."""
+    values = stage_config(config, stage, resources=False)
+    for dotted, value in overrides.items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return " ".join(flag for _, section in sorted(values.items()) for flag in _flags(section))
+
+
+def standin_weights(kind):
+    """Weights folder of a stand-in encoder trained by train-standins ('vae' or 'vit')."""
+    return f"{stage_dir('train-standins')}/{kind}"
+
+
+def encoder_flags(stage, section):
+    """cli_flags with the encoder weights pointed at the stand-in folder when a stand-in is used."""
+    if not uses_standin(section):
+        return cli_flags(stage)
+    kind = "vae" if section == "latents" else "vit"
+    return cli_flags(stage, **{f"{section}.encoder.weights": standin_weights(kind)})
+
+
+def standin_input(section):
+    return [manifest("train-standins")] if uses_standin(section) else []

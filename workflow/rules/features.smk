@@ -1,0 +1,68 @@
+# Encoder patch features: a class-balanced sample -> PCA -> every image's low-rank feature map.
+
+
+rule extract_features:
+    input:
+        shards=manifest("shard"),
+        standins=standin_input("features"),
+    output:
+        features=f"{stage_dir('extract-features')}/features.h5",
+        manifest=manifest("extract-features"),
+    params:
+        flags=encoder_flags("extract-features", "features"),
+        code=code_version("extract-features"),
+    threads: max(1, config["features"]["workers"])
+    resources:
+        device=config["device"],
+        workers=config["features"]["workers"],
+        batch_size=config["features"]["batch_size"],
+    log:
+        log_file("extract-features"),
+    benchmark:
+        benchmark_file("extract-features")
+    shell:
+        "redi extract-features --shards {input.shards} --out {output.features} {params.flags}"
+        " --workers {resources.workers} --batch-size {resources.batch_size}"
+        " --device {resources.device} > {log} 2>&1"
+
+
+rule fit_pca:
+    input:
+        rules.extract_features.output.features,
+    output:
+        pca=f"{stage_dir('fit-pca')}/pca.npz",
+        manifest=manifest("fit-pca"),
+    params:
+        code=code_version("fit-pca"),
+    log:
+        log_file("fit-pca"),
+    benchmark:
+        benchmark_file("fit-pca")
+    shell:
+        "redi fit-pca --features {input} --out {output.pca} > {log} 2>&1"
+
+
+rule project_features:
+    input:
+        shards=manifest("shard"),
+        pca=rules.fit_pca.output.pca,
+        standins=standin_input("features"),
+    output:
+        features=f"{stage_dir('project-features')}/pca_features.h5",
+        manifest=manifest("project-features"),
+    params:
+        flags=encoder_flags("project-features", "features"),
+        code=code_version("project-features"),
+    threads: max(1, config["features"]["workers"])
+    resources:
+        device=config["device"],
+        workers=config["features"]["workers"],
+        batch_size=config["features"]["batch_size"],
+    log:
+        log_file("project-features"),
+    benchmark:
+        benchmark_file("project-features")
+    shell:
+        "redi project-features --shards {input.shards} --pca {input.pca} --out {output.features}"
+        " {params.flags} --workers {resources.workers} --batch-size {resources.batch_size}"
+        " --device {resources.device} > {log} 2>&1"
