@@ -136,14 +136,17 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: dict[str, list[str] 
             types = node.get("type")
             types = [types] if isinstance(types, str) else (types or [])
             kwargs: dict[str, Any] = {"dest": ".".join((section, *path)), "default": argparse.SUPPRESS,
+                                      "metavar": path[-1].upper(),
                                       "help": f"{node.get('description', '')} [{section}.{'.'.join(path)}]"}
             if "boolean" in types:
                 kwargs["action"] = argparse.BooleanOptionalAction
+                del kwargs["metavar"]
             elif "array" in types:
                 item = {"integer": int, "number": float}.get(node["items"].get("type"), str)
                 kwargs.update(nargs="+", type=item)
             elif "enum" in node:
                 kwargs["choices"] = node["enum"]
+                del kwargs["metavar"]
             else:
                 kind = {"integer": int, "number": float}.get(types[0] if types else "string", str)
                 kwargs["type"] = _none_or(kind) if "null" in types else kind

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from .errors import ReDiError
+from .io import code_fingerprint
 
 
 class ResumableH5:
@@ -17,7 +18,8 @@ class ResumableH5:
 
     Every dataset has `num_rows` rows; a boolean `done` dataset records the rows written. A rerun
     opens the same `.partial` file and only the rows not done remain in `todo`. `attrs` are the
-    settings the rows depend on: a partial file made with other settings is refused, not mixed.
+    settings the rows depend on (the code's fingerprint is added): a partial file made with other
+    settings or other code is refused, not mixed.
     """
 
     def __init__(
@@ -25,6 +27,7 @@ class ResumableH5:
         datasets: dict[str, tuple[tuple[int, ...], str]], attrs: dict[str, Any],
         chunk_rows: int = 64,
     ):
+        attrs = {**attrs, "code_fingerprint": code_fingerprint()}
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)

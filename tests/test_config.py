@@ -79,7 +79,8 @@ def test_defaults_are_not_shared_between_calls():
     first["standins"]["vae_channels"].append(999)
     first["latents"]["encoder"]["name"] = "changed"
     second = validate_config(MINIMAL)
-    assert second["standins"]["vae_channels"] == [32, 64, 64]
+    default = load_schema()["properties"]["standins"]["properties"]["vae_channels"]["default"]
+    assert second["standins"]["vae_channels"] == default and 999 not in default
     assert second["latents"]["encoder"]["name"] == "sd-vae"
 
 

@@ -174,3 +174,12 @@ def test_finish_extra_replaces_extra_of_an_earlier_failed_finish(tmp_path):
     store.finish(stats=np.arange(3.0))
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["stats"][:], np.arange(3.0))
+
+
+def test_partial_made_by_other_code_is_refused(tmp_path, monkeypatch):
+    store = open_store(tmp_path / "out.h5")
+    store.write(np.arange(5), x=reference()[0][:5], label=reference()[1][:5])
+    store.close()
+    monkeypatch.setattr("redi.h5store.code_fingerprint", lambda: "other-code")
+    with pytest.raises(ReDiError, match="delete"):
+        open_store(tmp_path / "out.h5")

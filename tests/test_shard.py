@@ -251,3 +251,11 @@ def test_reading_with_workers_yields_each_sample_once(sharded):
 def test_reading_without_manifest_is_an_error(tmp_path):
     with pytest.raises(ReDiError, match="manifest not found"):
         list(iter_batches(tmp_path / "manifest.json", 4))
+
+
+def test_rerun_with_fewer_shards_removes_stale_ones(tiny_image_folder, tmp_path):
+    out = tmp_path / "shards"
+    write_shards(tiny_image_folder, out, SIZE, shard_size=1, workers=0)
+    manifest = write_shards(tiny_image_folder, out, SIZE, shard_size=NUM_VALID, workers=0)
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == [s["file"] for s in manifest["shards"]]
+    assert len(manifest["shards"]) == 1

@@ -114,6 +114,10 @@ def write_shards(
             writer.write(sum(counts.values()), png, label)
             counts[classes[label]] += 1
     writer.close()
+    written = {s["file"] for s in writer.shards}
+    for stale in out_dir.glob("shard-*.tar"):  # left by an earlier run that made more shards
+        if stale.name not in written:
+            stale.unlink()
     if not counts:
         raise ReDiError(f"no readable image in {root}: all {len(items)} files were skipped")
     return write_manifest(

@@ -39,11 +39,26 @@ CODE = {
     "demo-data": ["redi/data/demo.py", "redi/io.py"],
     "shard": ["redi/data/shard.py", "redi/data/crop.py", "redi/io.py"],
     "train-standins": ["redi/standins.py", "redi/data/reader.py"],
-    "encode-latents": ["redi/latents.py", "redi/encoders", "redi/h5store.py", "redi/data/reader.py"],
-    "extract-features": ["redi/features.py", "redi/encoders", "redi/h5store.py", "redi/data/reader.py"],
+    "encode-latents": [
+        "redi/latents.py",
+        "redi/encoders",
+        "redi/h5store.py",
+        "redi/data/reader.py",
+    ],
+    "extract-features": [
+        "redi/features.py",
+        "redi/encoders",
+        "redi/h5store.py",
+        "redi/data/reader.py",
+    ],
     "fit-pca": ["redi/features.py", "redi/pca.py"],
-    "project-features": ["redi/features.py", "redi/pca.py", "redi/encoders", "redi/h5store.py",
-                         "redi/data/reader.py"],
+    "project-features": [
+        "redi/features.py",
+        "redi/pca.py",
+        "redi/encoders",
+        "redi/h5store.py",
+        "redi/data/reader.py",
+    ],
 }
 
 
@@ -61,7 +76,8 @@ def upstream(stage):
         "encode-latents": ["shard"] + (standins if uses_standin("latents") else []),
         "extract-features": ["shard"] + (standins if uses_standin("features") else []),
         "fit-pca": ["extract-features"],
-        "project-features": ["shard", "fit-pca"] + (standins if uses_standin("features") else []),
+        "project-features": ["shard", "fit-pca"]
+        + (standins if uses_standin("features") else []),
     }[stage]
 
 
@@ -74,7 +90,9 @@ def version(stage):
     own = stage_config(config, stage, resources=False)
     if stage == "shard":
         own["root"] = config["dataset"]["root"]
-    return config_hash({"config": own, "inputs": [version(s) for s in upstream(stage)]})[:8]
+    return config_hash(
+        {"config": own, "inputs": [version(s) for s in upstream(stage)]}
+    )[:8]
 
 
 def stage_dir(stage):
@@ -83,6 +101,11 @@ def stage_dir(stage):
 
 def manifest(stage):
     return f"{stage_dir(stage)}/manifest.json"
+
+
+def output_dir(wildcards, output):
+    """params function: the folder of a rule's first output (the stage folder)."""
+    return str(Path(output[0]).parent)
 
 
 def log_file(stage):
@@ -105,12 +128,14 @@ def code_version(stage):
 
 
 def _flags(values, prefix=()):
-    for key, value in sorted(values.items()):  # sorted: key order in a YAML file must not matter
+    for key, value in sorted(
+        values.items()
+    ):  # sorted: key order in a YAML file must not matter
         path = (*prefix, key)
         if isinstance(value, dict):
             yield from _flags(value, path)
         elif isinstance(value, bool):
-            yield flag_name(path) if value else "--no-" + flag_name(path)[2:]
+            yield flag_name(path) if value else f"--no-{flag_name(path)[2:]}"
         elif isinstance(value, list):
             yield " ".join([flag_name(path)] + [shlex.quote(str(v)) for v in value])
         else:
@@ -126,7 +151,9 @@ def cli_flags(stage, **overrides):
         for part in parents:
             node = node[part]
         node[leaf] = value
-    return " ".join(flag for _, section in sorted(values.items()) for flag in _flags(section))
+    return " ".join(
+        flag for _, section in sorted(values.items()) for flag in _flags(section)
+    )
 
 
 def standin_weights(kind):

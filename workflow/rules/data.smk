@@ -4,12 +4,12 @@
 rule demo_data:
     output:
         manifest("demo-data"),
-    params:
-        out=stage_dir("demo-data"),
-        flags=cli_flags("demo-data"),
-        code=code_version("demo-data"),
     log:
         log_file("demo-data"),
+    params:
+        out=output_dir,
+        flags=cli_flags("demo-data"),
+        code=code_version("demo-data"),
     shell:
         "redi demo-data --out {params.out} {params.flags} > {log} 2>&1"
 
@@ -19,18 +19,18 @@ rule shard:
         [] if config["dataset"]["root"] else manifest("demo-data"),
     output:
         manifest("shard"),
-    params:
-        root=config["dataset"]["root"] or f"{stage_dir('demo-data')}/images",
-        out=stage_dir("shard"),
-        flags=cli_flags("shard"),
-        code=code_version("shard"),
-    threads: max(1, config["shard"]["workers"])
-    resources:
-        workers=config["shard"]["workers"],
     log:
         log_file("shard"),
     benchmark:
         benchmark_file("shard")
+    threads: max(1, config["shard"]["workers"])
+    resources:
+        workers=config["shard"]["workers"],
+    params:
+        root=config["dataset"]["root"] or f"{stage_dir('demo-data')}/images",
+        out=output_dir,
+        flags=cli_flags("shard"),
+        code=code_version("shard"),
     shell:
         "redi shard --input {params.root:q} --out {params.out} {params.flags}"
         " --workers {resources.workers} > {log} 2>&1"
@@ -41,15 +41,15 @@ rule train_standins:
         manifest("shard"),
     output:
         manifest("train-standins"),
-    params:
-        out=stage_dir("train-standins"),
-        flags=cli_flags("train-standins"),
-        code=code_version("train-standins"),
-    threads: workflow.cores
     log:
         log_file("train-standins"),
     benchmark:
         benchmark_file("train-standins")
+    threads: workflow.cores
+    params:
+        out=output_dir,
+        flags=cli_flags("train-standins"),
+        code=code_version("train-standins"),
     shell:
         "redi train-standins --shards {input} --out {params.out} {params.flags} > {log} 2>&1"
 
@@ -61,18 +61,18 @@ rule encode_latents:
     output:
         latents=f"{stage_dir('encode-latents')}/latents.h5",
         manifest=manifest("encode-latents"),
-    params:
-        flags=encoder_flags("encode-latents", "latents"),
-        code=code_version("encode-latents"),
+    log:
+        log_file("encode-latents"),
+    benchmark:
+        benchmark_file("encode-latents")
     threads: max(1, config["latents"]["workers"])
     resources:
         device=config["device"],
         workers=config["latents"]["workers"],
         batch_size=config["latents"]["batch_size"],
-    log:
-        log_file("encode-latents"),
-    benchmark:
-        benchmark_file("encode-latents")
+    params:
+        flags=encoder_flags("encode-latents", "latents"),
+        code=code_version("encode-latents"),
     shell:
         "redi encode-latents --shards {input.shards} --out {output.latents} {params.flags}"
         " --workers {resources.workers} --batch-size {resources.batch_size}"

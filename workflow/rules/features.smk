@@ -8,18 +8,18 @@ rule extract_features:
     output:
         features=f"{stage_dir('extract-features')}/features.h5",
         manifest=manifest("extract-features"),
-    params:
-        flags=encoder_flags("extract-features", "features"),
-        code=code_version("extract-features"),
+    log:
+        log_file("extract-features"),
+    benchmark:
+        benchmark_file("extract-features")
     threads: max(1, config["features"]["workers"])
     resources:
         device=config["device"],
         workers=config["features"]["workers"],
         batch_size=config["features"]["batch_size"],
-    log:
-        log_file("extract-features"),
-    benchmark:
-        benchmark_file("extract-features")
+    params:
+        flags=encoder_flags("extract-features", "features"),
+        code=code_version("extract-features"),
     shell:
         "redi extract-features --shards {input.shards} --out {output.features} {params.flags}"
         " --workers {resources.workers} --batch-size {resources.batch_size}"
@@ -32,12 +32,12 @@ rule fit_pca:
     output:
         pca=f"{stage_dir('fit-pca')}/pca.npz",
         manifest=manifest("fit-pca"),
-    params:
-        code=code_version("fit-pca"),
     log:
         log_file("fit-pca"),
     benchmark:
         benchmark_file("fit-pca")
+    params:
+        code=code_version("fit-pca"),
     shell:
         "redi fit-pca --features {input} --out {output.pca} > {log} 2>&1"
 
@@ -50,18 +50,18 @@ rule project_features:
     output:
         features=f"{stage_dir('project-features')}/pca_features.h5",
         manifest=manifest("project-features"),
-    params:
-        flags=encoder_flags("project-features", "features"),
-        code=code_version("project-features"),
+    log:
+        log_file("project-features"),
+    benchmark:
+        benchmark_file("project-features")
     threads: max(1, config["features"]["workers"])
     resources:
         device=config["device"],
         workers=config["features"]["workers"],
         batch_size=config["features"]["batch_size"],
-    log:
-        log_file("project-features"),
-    benchmark:
-        benchmark_file("project-features")
+    params:
+        flags=encoder_flags("project-features", "features"),
+        code=code_version("project-features"),
     shell:
         "redi project-features --shards {input.shards} --pca {input.pca} --out {output.features}"
         " {params.flags} --workers {resources.workers} --batch-size {resources.batch_size}"
