@@ -24,8 +24,12 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub (imports below are lazy)
 
-STANDIN_VAE = ([32, 64, 64], 4)  # channels, latent channels: the demo's stand-in VAE (f = 4)
-STANDIN_VIT = dict(img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3, num_classes=10)
+
+def demo_standins() -> dict:
+    """The stand-in encoder settings of the demo config (config/config.yaml), so both stay in sync."""
+    from redi.config import load_config
+
+    return load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")["standins"]
 PCA_BUDGET_MIB = 1024
 MIB = 1 << 20
 
@@ -129,7 +133,7 @@ def bench_image_stages(args, work: Path) -> list[dict]:
     from redi.encoders import load_encoder
     from redi.features import extract_features
     from redi.latents import encode_latents
-    from redi.standins import build_standin_vae
+    from redi.standins import build_standin_vae, vit_args
 
     rows = []
     counts, secs = timed(write_demo_folder, work / "images", args.per_class)
@@ -149,29 +153,32 @@ def bench_image_stages(args, work: Path) -> list[dict]:
 
     if not args.skip_latents:
         torch.manual_seed(0)
-        vae = build_standin_vae(STANDIN_VAE[0], STANDIN_VAE[1], args.image_size)
+        cfg = demo_standins()
+        vae = build_standin_vae(cfg["vae_channels"], cfg["vae_latent_channels"], args.image_size)
         vae.save_pretrained(work / "standin-vae", safe_serialization=True)
         encoder, load_s = timed(load_encoder, "standin-vae", str(work / "standin-vae"), "cpu")
         out, secs = timed(encode_latents, shards, encoder, work / "latents" / "latents.h5",
                           flip=True, dtype="float16", batch_size=args.batch_size, workers=args.workers)
         rows.append(row(
             "encode-latents", n, secs,
-            f"stand-in VAE {STANDIN_VAE[0]}, flip ON: each image encoded twice "
+            f"stand-in VAE {cfg['vae_channels']}, flip ON: each image encoded twice "
             f"({2 * n / secs:.1f} encoder passes/s); {loader_workers} loader worker(s)",
             encoder_passes_per_s=round(2 * n / secs, 2), load_s=round(load_s, 3),
             latent_shape=out["latent_shape"], flip=True))
 
     if not args.skip_features:
         torch.manual_seed(0)
-        vit = timm.create_model("vit_small_patch8_224", pretrained=False, **STANDIN_VIT)
-        save_for_hf(vit, str(work / "standin-vit"), model_args=STANDIN_VIT, safe_serialization=True)
+        vit_kwargs = vit_args(demo_standins(), args.image_size, num_classes=10)
+        vit = timm.create_model("vit_small_patch8_224", pretrained=False, **vit_kwargs)
+        save_for_hf(vit, str(work / "standin-vit"), model_args=vit_kwargs, safe_serialization=True)
         encoder, load_s = timed(load_encoder, "standin-vit", str(work / "standin-vit"), "cpu", grid=4)
         out, secs = timed(extract_features, shards, encoder, work / "features" / "features.h5",
                           sample_images=n, seed=0, dtype="float16", batch_size=args.batch_size,
                           workers=args.workers)
         rows.append(row(
             "extract-features", n, secs,
-            f"stand-in ViT d{STANDIN_VIT['embed_dim']}x{STANDIN_VIT['depth']} p8, grid 4 "
+            f"stand-in ViT d{vit_kwargs['embed_dim']}x{vit_kwargs['depth']}"
+            f" p{vit_kwargs['patch_size']}, grid 4 "
             f"(16x{out['dim']} tokens/img), sample = all; {loader_workers} loader worker(s)",
             load_s=round(load_s, 3), tokens_per_image=out["grid"] ** 2, dim=out["dim"]))
     return rows
