@@ -63,6 +63,20 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         pos += batch_size
 
 
+def _optimise(model, loss_of, lr, weight_decay, steps, n, cfg, generator, name) -> dict:
+    """AdamW on `loss_of(batch_indices) -> (loss, shown)` for `steps` steps; returns the last `shown`."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    bar = tqdm(_batches(n, cfg["batch_size"], steps, generator), total=steps,
+               desc=f"stand-in {name}", unit="step")
+    for batch in bar:
+        loss, shown = loss_of(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()})
+    return shown
+
+
 def _to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -70,19 +84,14 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
 def train_vae(images, train_idx, test_idx, cfg, generator) -> tuple[AutoencoderKL, dict]:
     """Reconstruction MSE + small KL; returns the model and held-out reconstruction metrics."""
     vae = build_standin_vae(cfg["vae_channels"], cfg["vae_latent_channels"], images.shape[1])
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
-    bar = tqdm(_batches(len(train_idx), cfg["batch_size"], cfg["vae_steps"], generator),
-               total=cfg["vae_steps"], desc="stand-in VAE", unit="step")
-    for batch in bar:
+
+    def loss_of(batch):
         x = _to_unit(images[train_idx[batch]])
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        mse = F.mse_loss(recon, x)
-        loss = mse + cfg["vae_kl_weight"] * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}")
+        mse = F.mse_loss(vae.decode(posterior.sample()).sample, x)
+        return mse + cfg["vae_kl_weight"] * posterior.kl().mean(), {"mse": mse.item()}
+
+    _optimise(vae, loss_of, cfg["vae_lr"], 0.0, cfg["vae_steps"], len(train_idx), cfg, generator, "VAE")
     vae.eval()
     with torch.no_grad():
         means, errors = [], []
@@ -103,30 +112,26 @@ def train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator):
     """Digit classification from the class token (small random shifts as augmentation)."""
     vit = timm.create_model("vit_small_patch8_224", pretrained=False,
                             **vit_args(cfg, images.shape[1], num_classes))
-    opt = torch.optim.AdamW(vit.parameters(), lr=cfg["vit_lr"], weight_decay=0.05)
     encoder_mean = torch.tensor(vit.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     encoder_std = torch.tensor(vit.pretrained_cfg["std"]).view(1, 3, 1, 1)
 
     def prepare(idx):
         return ((images[idx].permute(0, 3, 1, 2).float() / 255.0) - encoder_mean) / encoder_std
 
-    bar = tqdm(_batches(len(train_idx), cfg["batch_size"], cfg["vit_steps"], generator),
-               total=cfg["vit_steps"], desc="stand-in ViT", unit="step")
-    for batch in bar:
+    def loss_of(batch):
         idx = train_idx[batch]
         shift = [int(s) for s in torch.randint(-2, 3, (2,), generator=generator)]
-        x = torch.roll(prepare(idx), shifts=shift, dims=(2, 3))
-        loss = F.cross_entropy(vit(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        loss = F.cross_entropy(vit(torch.roll(prepare(idx), shifts=shift, dims=(2, 3))), labels[idx])
+        return loss, {"loss": loss.item()}
+
+    final = _optimise(vit, loss_of, cfg["vit_lr"], 0.05, cfg["vit_steps"], len(train_idx), cfg, generator,
+                      "ViT")
     vit.eval()
     with torch.no_grad():
         pred = torch.cat([vit(prepare(test_idx[i : i + 256])).argmax(1)
                           for i in range(0, len(test_idx), 256)])
     accuracy = float((pred == labels[test_idx]).float().mean())
-    return vit, {"final_train_loss": loss.item(), "test_accuracy": accuracy}
+    return vit, {"final_train_loss": final["loss"], "test_accuracy": accuracy}
 
 
 def train_standins(shard_manifest: str | os.PathLike, out_dir: str | os.PathLike, cfg: dict) -> dict:
