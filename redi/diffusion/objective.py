@@ -34,6 +34,8 @@ class JointObjective:
             raise ValueError(f"rep_dropout_mode must be one of {REP_DROPOUT_MODES}")
         if not 0.0 <= rep_dropout <= 1.0:
             raise ValueError(f"rep_dropout must be in [0, 1], got {rep_dropout}")
+        if rep_weight < 0 or repa_weight < 0:
+            raise ValueError(f"loss weights must be >= 0: rep_weight={rep_weight}, repa_weight={repa_weight}")
         self.rep_weight, self.rep_dropout = rep_weight, rep_dropout
         self.rep_dropout_mode, self.repa_weight = rep_dropout_mode, repa_weight
 
@@ -74,9 +76,13 @@ class JointObjective:
         noise_x = torch.randn_like(x)
         x_t = self.q_sample(x, t, noise_x)
         z_t, drop = None, torch.zeros(n, dtype=torch.bool, device=device)
+        batch_dropped = False
         if z is not None:
+            if getattr(model, "fusion", None) == "none":
+                raise ValueError("representations z were given to a model built with fusion='none'")
             if self.rep_dropout_mode == "batch_clean" and torch.rand(()) < self.rep_dropout:
                 z = torch.zeros_like(z)  # official variant: clean z zeroed, noise stays, loss kept
+                batch_dropped = True
             elif self.rep_dropout_mode == "sample":
                 drop = self.drop_mask(n, device)
             noise_z = torch.randn_like(z)
@@ -101,5 +107,5 @@ class JointObjective:
             losses["repa"] = -cosine.mean()
             total = total + self.repa_weight * losses["repa"]
         losses["loss"] = total
-        losses["rep_dropped"] = drop.float().mean()
+        losses["rep_dropped"] = torch.ones(()) if batch_dropped else drop.float().mean()
         return losses
