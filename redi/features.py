@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -11,11 +13,11 @@ import torch
 from tqdm import tqdm
 
 from .data.reader import iter_batches
-from .encoders import PatchFeatureEncoder
+from .encoders import PatchFeatureEncoder, load_encoder, resolve_device
 from .errors import ReDiError
 from .h5store import ResumableH5
-from .io import read_manifest, write_manifest
-from .pca import project
+from .io import read_manifest, sha256_file, write_manifest
+from .pca import load_pca, project
 
 
 def class_ranges(shard_manifest: dict) -> list[tuple[int, int]]:
@@ -59,13 +61,14 @@ def extract_features(
     workers: int = 2,
     config: dict | None = None,
 ) -> dict:
-    """Write `features.h5`: tokens (n, grid*grid, D) of a shuffled class-balanced sample; resumable.
+    """Write `features.h5`: tokens (n, grid*grid, D) of a random class-balanced sample; resumable.
 
-    Row i holds sample index `index[i]`; rows follow the shuffled order of the sample.
+    Row i holds sample index `index[i]`. Rows are stored in index order, the order the shards are
+    read in, so chunks are written once; the PCA does not depend on the order of its vectors.
     """
     start = time.time()
     shards = read_manifest(shard_manifest)
-    sample = balanced_sample(class_ranges(shards), sample_images, seed)
+    sample = np.sort(balanced_sample(class_ranges(shards), sample_images, seed))
     row_of = np.full(shards["num_samples"], -1, dtype=np.int64)
     row_of[sample] = np.arange(len(sample))
     tokens = encoder.grid[0] * encoder.grid[1]
@@ -73,7 +76,8 @@ def extract_features(
         out_path, len(sample),
         datasets={"tokens": ((tokens, encoder.dim), dtype), "index": ((), "int64"),
                   "labels": ((), "int64")},
-        attrs={"grid": encoder.grid[0], "seed": seed, "shards_config_hash": shards["config_hash"]},
+        attrs={"grid": encoder.grid[0], "seed": seed, "shards": sha256_file(shard_manifest),
+               "encoder": getattr(encoder, "weights_id", "unregistered")},
         chunk_rows=16,
     )
     todo = np.zeros(shards["num_samples"], dtype=bool)
@@ -124,10 +128,12 @@ def project_features(
         raise ReDiError(f"pca.rank_max = {rank_max} exceeds the feature dimension {dim}")
     gh, gw = encoder.grid
     names = ["z", "z_flip"] if flip else ["z"]
+    pca_id = hashlib.sha256(np.ascontiguousarray(pca["components"][:rank_max]).tobytes()).hexdigest()[:16]
     store = ResumableH5(
         out_path, n,
         datasets={**{k: ((rank_max, gh, gw), dtype) for k in names}, "labels": ((), "int64")},
-        attrs={"rank_max": rank_max, "flip": flip, "shards_config_hash": shards["config_hash"]},
+        attrs={"rank_max": rank_max, "flip": flip, "shards": sha256_file(shard_manifest),
+               "encoder": getattr(encoder, "weights_id", "unregistered"), "pca": pca_id},
     )
     todo = store.todo
     with tqdm(total=n, initial=n - int(todo.sum()), desc="project-features", unit="img") as bar:
@@ -148,3 +154,24 @@ def project_features(
         dtype=dtype, wall_time_s=round(time.time() - start, 2),
         images_per_s=round(float(todo.sum()) / max(time.time() - start, 1e-9), 2),
     )
+
+
+def _feature_encoder(args: argparse.Namespace, cfg: dict) -> PatchFeatureEncoder:
+    c = cfg["features"]
+    return load_encoder(c["encoder"]["name"], c["encoder"]["weights"], resolve_device(args.device),
+                        grid=c["grid"], kind="vit")
+
+
+def run_extract_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi extract-features`."""
+    c = cfg["features"]
+    extract_features(args.shards, _feature_encoder(args, cfg), args.out, cfg["pca"]["sample_images"],
+                     cfg["pca"]["seed"], c["dtype"], c["batch_size"], c["workers"], config=cfg)
+
+
+def run_project_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi project-features`."""
+    c = cfg["features"]
+    project_features(args.shards, _feature_encoder(args, cfg), load_pca(args.pca), args.out,
+                     cfg["pca"]["rank_max"], cfg["latents"]["flip"], c["dtype"], c["batch_size"],
+                     c["workers"], config=cfg, inputs={"pca": Path(args.pca).with_name("manifest.json")})

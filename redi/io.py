@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -30,6 +31,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
@@ -37,6 +54,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -96,9 +114,26 @@ def write_manifest(
     return manifest
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    """Read a stage manifest, with a clear error when the upstream stage has not finished."""
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path, or a ReDiError naming it when it is not an existing file."""
     path = Path(path)
     if not path.is_file():
-        raise ReDiError(f"manifest not found: {path} (run the stage that writes it first)")
-    return json.loads(path.read_text())
+        raise ReDiError(f"{what} not found: {path} (run the stage that writes it first)")
+    return path
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of every file below a folder (names and contents)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Read a stage manifest, with a clear error when the upstream stage has not finished."""
+    return json.loads(require_file(path, "manifest").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from pathlib import Path
@@ -11,9 +12,9 @@ import torch
 from tqdm import tqdm
 
 from .data.reader import iter_batches
-from .encoders import LatentEncoder
+from .encoders import LatentEncoder, load_encoder, resolve_device
 from .h5store import ResumableH5
-from .io import read_manifest, write_manifest
+from .io import read_manifest, sha256_file, write_manifest
 
 
 def encode_latents(
@@ -40,7 +41,8 @@ def encode_latents(
         out_path, n,
         datasets={**{k: (latent, dtype) for k in names}, "labels": ((), "int64")},
         attrs={"scaling_factor": encoder.scaling_factor, "image_size": size, "flip": flip,
-               "shards_config_hash": shards["config_hash"]},
+               "shards": sha256_file(shard_manifest),
+               "encoder": getattr(encoder, "weights_id", "unregistered")},
     )
     todo = store.todo
     with tqdm(total=n, initial=n - int(todo.sum()), desc="encode-latents", unit="img") as bar:
@@ -60,3 +62,12 @@ def encode_latents(
         images_per_s=round(float((todo.sum()) / max(time.time() - start, 1e-9)), 2),
         resumed_rows=int(n - np.count_nonzero(todo)),
     )
+
+
+def run_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi encode-latents`."""
+    c = cfg["latents"]
+    encoder = load_encoder(c["encoder"]["name"], c["encoder"]["weights"], resolve_device(args.device),
+                           kind="vae")
+    encode_latents(args.shards, encoder, args.out, c["flip"], c["dtype"], c["batch_size"],
+                   c["workers"], config=cfg)

@@ -6,6 +6,7 @@ those of the correlation matrix; results equal sklearn's PCA on StandardScaler o
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -15,7 +16,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from .io import atomic_path, write_manifest
+from .io import atomic_path, require_file, write_manifest
 
 
 class MomentAccumulator:
@@ -28,6 +29,7 @@ class MomentAccumulator:
         self.outer = np.zeros((dim, dim), dtype=np.float64)
 
     def update(self, x: np.ndarray) -> None:
+        """Add a (..., dim) block of vectors."""
         x = np.asarray(x, dtype=np.float64)
         if x.shape[-1] != len(self.sum):
             raise ValueError(f"expected vectors of dimension {len(self.sum)}, got shape {x.shape}")
@@ -85,12 +87,14 @@ def project(features: np.ndarray, pca: dict[str, np.ndarray], rank: int) -> np.n
 
 
 def save_pca(path: str | os.PathLike, pca: dict[str, np.ndarray]) -> None:
+    """Write the fitted PCA arrays as one .npz, atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **pca)
 
 
 def load_pca(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    with np.load(Path(path), allow_pickle=False) as data:
+    """Read a pca.npz written by fit-pca."""
+    with np.load(require_file(path, "PCA file"), allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
 
 
@@ -108,7 +112,7 @@ def fit_pca_file(
 ) -> dict:
     """fit-pca: standardisation + PCA of every token in features.h5 -> pca.npz + manifest."""
     start = time.time()
-    with h5py.File(features_path, "r") as f:
+    with h5py.File(require_file(features_path, "features file"), "r") as f:
         _, tokens, dim = f["tokens"].shape
     rows = max(1, (1 << 20) // (tokens * dim))  # ~1M values per chunk: a few float64 copies, ~30 MB
     pca = fit_pca(tqdm(iter_token_chunks(features_path, rows), desc="fit-pca", unit="chunk"), dim)
@@ -124,3 +128,8 @@ def fit_pca_file(
                        for r, s in enumerate(np.sqrt(pca["explained_variance"][:32]))},
         wall_time_s=round(time.time() - start, 2),
     )
+
+
+def run_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi fit-pca`."""
+    fit_pca_file(args.features, args.out, config=cfg)

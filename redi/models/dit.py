@@ -121,8 +121,11 @@ class DiT(nn.Module):
         h = self.x_embedder(x) + self.pos_embed
         if self.fusion == "none":
             return h
+        expected = (x.shape[0], self.rep_channels, self.grid_size, self.grid_size)
         if z is None:  # the representation-dropped input: z_t = 0
-            z = x.new_zeros(x.shape[0], self.rep_channels, self.grid_size, self.grid_size)
+            z = x.new_zeros(expected)
+        elif tuple(z.shape) != expected:
+            raise ValueError(f"z must have shape {expected} (N, r, grid, grid), got {tuple(z.shape)}")
         hz = self.z_embedder(z.flatten(2).transpose(1, 2))  # (N, T, r) row-major, like the patches
         if self.fusion == "merged":
             return h + hz

@@ -13,7 +13,7 @@ def forward_macs(model: DiT) -> dict[str, int]:
 
     Counts every matrix product (patch and z embeddings, timestep MLP, adaLN modulations,
     qkv/proj, attention scores and values, MLP, output heads); norms, activations and additions are
-    ignored, as in fvcore's count behind DiT's 118.6 GFLOPs for DiT-XL/2.
+    left out. This reproduces the DiT paper's table (e.g. 118.6 "GFLOPs" for DiT-XL/2 at 256 px).
     """
     d = model.pos_embed.shape[-1]
     t = model.x_embedder.num_patches

@@ -3,8 +3,9 @@ import hashlib
 import shlex
 from pathlib import Path
 
+import yaml
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version
+from snakemake.utils import min_version, update_config
 
 from redi.cli import STAGE_KEYS, stage_config
 from redi.config import flag_name
@@ -14,12 +15,21 @@ from redi.io import config_hash
 
 min_version("8.20")
 
+REPO = Path(workflow.basedir)
+
+# The embedded demo is the default config, not a base under the user's: a --configfile replaces it
+# whole, so every key the user's file leaves out takes the schema default, never a demo value.
+if not workflow.overwrite_configfiles:
+    overrides = dict(config)  # --config key=value pairs only
+    config.clear()
+    config.update(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    update_config(config, overrides)
+
 try:
     config.update(validate_config(config, source="config"))  # fills every default
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
-REPO = Path(workflow.basedir)
 DATASET = config["dataset"]["name"]
 RESULTS = config["results"]
 
@@ -34,10 +44,13 @@ FOLDER = {
     "project-features": "pca_features",
 }
 
-# The redi modules each stage runs: editing one reruns that stage and its descendants.
+# The redi modules each stage runs (its CLI runner lives in the first): editing one reruns that
+# stage and its descendants. Plumbing shared by all (cli.py, config.py, io.py) is left out on
+# purpose, so a new stage or option does not rerun days of ImageNet encoding; a change there that
+# alters a stage's inputs shows up in its flags, which are params too.
 CODE = {
-    "demo-data": ["redi/data/demo.py", "redi/io.py"],
-    "shard": ["redi/data/shard.py", "redi/data/crop.py", "redi/io.py"],
+    "demo-data": ["redi/data/demo.py"],
+    "shard": ["redi/data/shard.py", "redi/data/crop.py"],
     "train-standins": ["redi/standins.py", "redi/data/reader.py"],
     "encode-latents": [
         "redi/latents.py",
@@ -63,7 +76,9 @@ CODE = {
 
 
 def uses_standin(section):
-    return config[section]["encoder"]["name"].startswith("standin-")
+    """True when the section's encoder is a stand-in that train-standins must make (no weights given)."""
+    encoder = config[section]["encoder"]
+    return encoder["name"].startswith("standin-") and not encoder["weights"]
 
 
 def upstream(stage):
