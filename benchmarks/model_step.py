@@ -6,7 +6,8 @@ step is excluded unless --optimizer-step (AdamW). The three variants are interle
 the starting variant rotated every round, and each reports its median, so slow drift of a shared
 machine hits all of them alike. See benchmarks/README.md.
 
-    python benchmarks/model_step.py --size B --patch 2          # CPU: a few minutes on 2 cores
+    python benchmarks/model_step.py --size B --patch 2          # CPU, 1 thread: ~3 minutes
+    python benchmarks/model_step.py --size B --patch 2 --threads 0   # CPU, torch's threads (all cores)
     python benchmarks/model_step.py --size XL --patch 2 --batch 32 --dtype bf16 --compile  # GPU
 """
 
@@ -48,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile each model (cuda only)")
     p.add_argument("--optimizer-step", action="store_true",
                    help="also time AdamW's step (default: zero_grad + loss + backward only)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads; default 1 on cpu (two OpenMP threads on 2 cores stall "
+                   "whenever another job runs, which swamps the ratios), torch's own on cuda; 0 = torch's")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
@@ -64,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device is available")
     if args.device == "cpu" and (args.dtype != "fp32" or args.compile):
         p.error("--dtype bf16 and --compile need --device cuda")
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
+    if args.threads is not None and args.threads < 0:
+        p.error("--threads must be >= 0")
     return args
 
 
@@ -186,7 +193,8 @@ def print_report(result: dict) -> None:
               f"fp32 matmul precision {m['matmul_precision']}) | CPUs {m['cpu_count']} | torch {m['torch']}")
     else:
         print(f"machine: CPU {m['processor']} | CPUs {m['cpu_count']} (usable {m['cpu_affinity']}) | "
-              f"torch {m['torch']}, {m['torch_threads']} threads ({m['torch_interop_threads']} interop) | "
+              f"torch {m['torch']}, {m['torch_threads']} thread{'s' * (m['torch_threads'] != 1)} "
+              f"({m['torch_interop_threads']} interop) | "
               f"{m['platform']}")
         load = " -> ".join("/".join(f"{x:.2f}" for x in m[k]) for k in ("load_average_start",
                                                                         "load_average_end"))

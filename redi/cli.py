@@ -25,18 +25,21 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
     "fit-pca": {},
     "project-features": {"features": ["encoder", "grid", "dtype", "batch_size", "workers"],
                          "pca": ["rank_max"], "latents": ["flip"]},
+    "train": {"train": None},
 }
 # Keys that change how fast a stage runs, not what it writes: not part of the rerun hash.
 RESOURCE_KEYS = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
-                 "features": {"workers", "batch_size"}}
+                 "features": {"workers", "batch_size"},
+                 "train": {"ckpt_every", "keep_checkpoints", "log_every", "compile"}}
 # What changing a key outside STAGE_KEYS does (for the key table of config/README.md).
 OTHER_KEYS = {
     "results": "none: a different results folder",
     "device": "none: where the neural stages run",
+    "launch.nproc_per_node": "none: processes per training job",
     "dataset.name": "none: a different results/<name> folder",
     "dataset.root": "shard (and all after it)",
 }
-NEURAL_STAGES = {"encode-latents", "extract-features", "project-features"}
+NEURAL_STAGES = {"encode-latents", "extract-features", "project-features", "train"}
 
 
 def stage_config(config: dict, stage: str, resources: bool = True) -> dict:
@@ -84,6 +87,12 @@ _STAGES: dict[str, tuple[str, list[tuple[str, str]], str]] = {
                           ("--pca", "pca.npz of fit-pca"),
                           ("--out", "output pca_features.h5 (manifest.json is written beside it)")],
                          "redi.features:run_project_stage"),
+    "train": ("Train one DiT/SiT (+ ReDi) run; resumes from its latest checkpoint. Multi-GPU: "
+              "torchrun --nproc-per-node N -m redi.cli train ...",
+              [("--latents", "latents.h5 of encode-latents"),
+               ("--features", "pca_features.h5 of project-features"),
+               ("--out", "run folder: checkpoints/, metrics.jsonl, final.pt, manifest.json")],
+              "redi.train:run_stage"),
 }
 
 

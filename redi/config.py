@@ -145,7 +145,7 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: dict[str, list[str] 
                 item = {"integer": int, "number": float}.get(node["items"].get("type"), str)
                 kwargs.update(nargs="+", type=item)
             elif "enum" in node:
-                kwargs["choices"] = node["enum"]
+                kwargs.update(choices=node["enum"], type=type(node["enum"][0]))
                 del kwargs["metavar"]
             else:
                 kind = {"integer": int, "number": float}.get(types[0] if types else "string", str)

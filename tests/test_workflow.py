@@ -2,6 +2,7 @@
 that a config change reruns only the stages that read the changed key."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +61,12 @@ def test_ci_workflow_writes_training_inputs(workflow_run):
         (manifest,) = results.glob(f"{stage}/*/manifest.json")
         assert json.loads(manifest.read_text())["config_hash"]
     assert not list(workflow_run.rglob("*.partial")), "a stage left a partial file"
+    (run,) = results.glob("train/*")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(5, 21, 5))
+    assert all(math.isfinite(m["loss"]) and m["loss_z"] > 0 for m in metrics)
+    final = torch.load(run / "final.pt", weights_only=True)
+    assert final["step"] == 20 and "ema" in final
 
 
 def test_second_run_has_nothing_to_do(workflow_run):
@@ -66,18 +74,21 @@ def test_second_run_has_nothing_to_do(workflow_run):
     assert "Nothing to be done" in out
 
 
-def test_rank_change_reruns_only_the_projection(workflow_run, tmp_path):
+def test_rank_change_reruns_only_the_projection_and_training(workflow_run, tmp_path):
     config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
     config["pca"]["rank_max"] = config["pca"]["rank_max"] - 2
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
-    assert planned_jobs(snakemake(workflow_run, changed, "-n")) == {"project_features": 1, "all": 1}
+    jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
+    assert jobs == {"project_features": 1, "train": 1, "all": 1}
 
 
 def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):
     config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
     config["latents"]["batch_size"] = 7
     config["features"]["workers"] = 1
+    config["train"]["log_every"] = 3
+    config["train"]["ckpt_every"] = 7
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     assert "Nothing to be done" in snakemake(workflow_run, changed, "-n")
@@ -90,7 +101,7 @@ def test_vae_change_reruns_standins_and_everything_after(workflow_run, tmp_path)
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
     assert "shard" not in jobs and "demo_data" not in jobs
-    after = {"train_standins", "encode_latents", "extract_features", "fit_pca", "project_features"}
+    after = {"train_standins", "encode_latents", "extract_features", "fit_pca", "project_features", "train"}
     assert after <= set(jobs)
 
 

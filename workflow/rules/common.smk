@@ -7,7 +7,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, update_config
 
-from redi.cli import STAGE_KEYS, stage_config
+from redi.cli import RESOURCE_KEYS, STAGE_KEYS, stage_config
 from redi.config import flag_name
 from redi.config import validate_config
 from redi.errors import ConfigError
@@ -42,6 +42,7 @@ FOLDER = {
     "extract-features": "features",
     "fit-pca": "pca",
     "project-features": "pca_features",
+    "train": "train",
 }
 
 # The redi modules each stage runs (its CLI runner lives in the first): editing one reruns that
@@ -54,23 +55,32 @@ CODE = {
     "train-standins": ["redi/standins.py", "redi/data/reader.py"],
     "encode-latents": [
         "redi/latents.py",
-        "redi/encoders",
+        "redi/encoders/__init__.py",
+        "redi/encoders/vae.py",
         "redi/h5store.py",
         "redi/data/reader.py",
     ],
     "extract-features": [
         "redi/features.py",
-        "redi/encoders",
+        "redi/encoders/__init__.py",
+        "redi/encoders/vit.py",
         "redi/h5store.py",
         "redi/data/reader.py",
     ],
-    "fit-pca": ["redi/features.py", "redi/pca.py"],
+    "fit-pca": ["redi/pca.py"],
     "project-features": [
         "redi/features.py",
         "redi/pca.py",
-        "redi/encoders",
+        "redi/encoders/__init__.py",
+        "redi/encoders/vit.py",
         "redi/h5store.py",
         "redi/data/reader.py",
+    ],
+    "train": [
+        "redi/train.py",
+        "redi/data/training_data.py",
+        "redi/models",
+        "redi/diffusion",
     ],
 }
 
@@ -93,6 +103,7 @@ def upstream(stage):
         "fit-pca": ["extract-features"],
         "project-features": ["shard", "fit-pca"]
         + (standins if uses_standin("features") else []),
+        "train": ["encode-latents", "project-features"],
     }[stage]
 
 
@@ -121,6 +132,13 @@ def manifest(stage):
 def output_dir(wildcards, output):
     """params function: the folder of a rule's first output (the stage folder)."""
     return str(Path(output[0]).parent)
+
+
+def launcher(wildcards, resources):
+    """params function: `redi`, or torchrun with one process per GPU when launch.nproc_per_node > 1."""
+    if resources.nproc > 1:
+        return f"torchrun --standalone --nproc-per-node {resources.nproc} -m redi.cli"
+    return "redi"
 
 
 def log_file(stage):
@@ -166,6 +184,18 @@ def cli_flags(stage, **overrides):
         for part in parents:
             node = node[part]
         node[leaf] = value
+    return " ".join(
+        flag for _, section in sorted(values.items()) for flag in _flags(section)
+    )
+
+
+def speed_flags(stage):
+    """The stage's speed-only keys (RESOURCE_KEYS) as flags: passed as a resource, so no rerun."""
+    values = stage_config(config, stage)
+    for section, keys in values.items():
+        values[section] = {
+            k: v for k, v in keys.items() if k in RESOURCE_KEYS.get(section, ())
+        }
     return " ".join(
         flag for _, section in sorted(values.items()) for flag in _flags(section)
     )

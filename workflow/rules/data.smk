@@ -25,15 +25,14 @@ rule shard:
         benchmark_file("shard")
     threads: max(1, config["shard"]["workers"])
     resources:
-        workers=config["shard"]["workers"],
+        speed=speed_flags("shard"),
     params:
         root=config["dataset"]["root"] or f"{stage_dir('demo-data')}/images",
         out=output_dir,
         flags=cli_flags("shard"),
         code=code_version("shard"),
     shell:
-        "redi shard --input {params.root:q} --out {params.out} {params.flags}"
-        " --workers {resources.workers} > {log} 2>&1"
+        "redi shard --input {params.root:q} --out {params.out} {params.flags} {resources.speed} > {log} 2>&1"
 
 
 rule train_standins:
@@ -67,13 +66,12 @@ rule encode_latents:
         benchmark_file("encode-latents")
     threads: max(1, config["latents"]["workers"])
     resources:
+        speed=speed_flags("encode-latents"),
         device=config["device"],
-        workers=config["latents"]["workers"],
-        batch_size=config["latents"]["batch_size"],
     params:
         flags=encoder_flags("encode-latents", "latents"),
         code=code_version("encode-latents"),
     shell:
         "redi encode-latents --shards {input.shards} --out {output.latents} {params.flags}"
-        " --workers {resources.workers} --batch-size {resources.batch_size}"
+        " {resources.speed}"
         " --device {resources.device} > {log} 2>&1"

@@ -14,15 +14,14 @@ rule extract_features:
         benchmark_file("extract-features")
     threads: max(1, config["features"]["workers"])
     resources:
+        speed=speed_flags("extract-features"),
         device=config["device"],
-        workers=config["features"]["workers"],
-        batch_size=config["features"]["batch_size"],
     params:
         flags=encoder_flags("extract-features", "features"),
         code=code_version("extract-features"),
     shell:
         "redi extract-features --shards {input.shards} --out {output.features} {params.flags}"
-        " --workers {resources.workers} --batch-size {resources.batch_size}"
+        " {resources.speed}"
         " --device {resources.device} > {log} 2>&1"
 
 
@@ -56,13 +55,12 @@ rule project_features:
         benchmark_file("project-features")
     threads: max(1, config["features"]["workers"])
     resources:
+        speed=speed_flags("project-features"),
         device=config["device"],
-        workers=config["features"]["workers"],
-        batch_size=config["features"]["batch_size"],
     params:
         flags=encoder_flags("project-features", "features"),
         code=code_version("project-features"),
     shell:
         "redi project-features --shards {input.shards} --pca {input.pca} --out {output.features}"
-        " {params.flags} --workers {resources.workers} --batch-size {resources.batch_size}"
+        " {params.flags} {resources.speed}"
         " --device {resources.device} > {log} 2>&1"

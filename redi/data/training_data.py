@@ -1,0 +1,85 @@
+"""Training batches from latents.h5 + pca_features.h5, held in memory per rank.
+
+Each rank loads one contiguous block of samples (1/world of the data), so a node's ranks together
+hold the data once; batches are drawn from a seeded per-rank permutation by tensor indexing, with
+no per-sample Python work. The sampler's state goes into checkpoints, so a resumed run draws the
+same batches. Posterior sampling (mean + std * eps) happens on the device, in the training step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import ReDiError
+from ..io import require_file
+
+
+class TrainingData:
+    """Posterior mean/std, PCA maps (first `rank` channels) and labels of this rank's samples."""
+
+    def __init__(
+        self,
+        latents_path: str | os.PathLike,
+        features_path: str | os.PathLike,
+        rank: int,
+        normalize_z: bool = False,
+        flip: bool = True,
+        seed: int = 0,
+        process_rank: int = 0,
+        world_size: int = 1,
+    ):
+        with h5py.File(require_file(latents_path, "latents file"), "r") as lat, \
+                h5py.File(require_file(features_path, "PCA features file"), "r") as feat:
+            n, n_features = len(lat["labels"]), len(feat["labels"])
+            if n_features != n:
+                raise ReDiError(f"{latents_path} has {n} samples but {features_path} has {n_features}")
+            if feat["z"].shape[1] < rank:
+                raise ReDiError(f"train.rank = {rank} exceeds the {feat['z'].shape[1]} PCA channels of "
+                                f"{features_path} (raise pca.rank_max)")
+            if flip and not ("mean_flip" in lat and "z_flip" in feat):
+                raise ReDiError("train.flip needs flipped latents and features (latents.flip: true)")
+            lo, hi = n * process_rank // world_size, n * (process_rank + 1) // world_size
+            labels = lat["labels"][lo:hi]
+            if not np.array_equal(labels, feat["labels"][lo:hi]):
+                raise ReDiError(f"labels of {latents_path} and {features_path} differ: not the same shards")
+            views = ["", "_flip"] if flip else [""]
+            self.mean = torch.stack([torch.from_numpy(lat["mean" + v][lo:hi]) for v in views])
+            self.std = torch.stack([torch.from_numpy(lat["std" + v][lo:hi]) for v in views])
+            self.z = torch.stack([torch.from_numpy(feat["z" + v][lo:hi, :rank]) for v in views])
+            self.scaling_factor = float(lat.attrs["scaling_factor"])
+            z_scale = feat["component_std"][:rank] if normalize_z else np.ones(rank)
+            self.num_classes = int(lat["labels"][:].max()) + 1
+        self.z_scale = torch.from_numpy(np.asarray(z_scale, dtype=np.float32)).view(1, rank, 1, 1)
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.num_views, self.size = len(views), hi - lo
+        self.generator = torch.Generator().manual_seed(seed * 1000 + process_rank)
+        self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The next `batch_size` samples of the shuffled order (reshuffled each epoch), a random view each."""
+        if self.position + batch_size > self.size:
+            self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
+            if batch_size > self.size:
+                raise ReDiError(f"per-rank batch {batch_size} exceeds this rank's {self.size} samples")
+        idx = self.order[self.position : self.position + batch_size]
+        self.position += batch_size
+        view = torch.randint(0, self.num_views, (batch_size,), generator=self.generator)
+        return {
+            "mean": self.mean[view, idx].float(),
+            "std": self.std[view, idx].float(),
+            "z": self.z[view, idx].float() / self.z_scale,
+            "y": self.labels[idx],
+        }
+
+    def state_dict(self) -> dict:
+        """The sampler's position, for checkpoints."""
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpointed position."""
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], int(state["position"])

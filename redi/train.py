@@ -1,0 +1,290 @@
+"""`redi train`: one DiT/SiT (+ ReDi) run, single-process or under torchrun (DDP).
+
+Checkpoints {model, ema, opt, step, rng, data, config} are written atomically every ckpt_every
+steps and when SIGTERM/SIGUSR1 arrives (SLURM preemption); a rerun resumes from the latest one and
+continues bit-exactly on CPU. A non-finite loss stops the run before the optimizer step, naming the
+step, so the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .data.training_data import TrainingData
+from .diffusion import build_objective
+from .encoders import resolve_device
+from .errors import ReDiError
+from .io import atomic_path, write_manifest
+from .models import build_model
+
+CHECKPOINTS = "checkpoints"
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    target = resolve_device(device)
+    if target.type == "cuda":
+        target = torch.device("cuda", local_rank)
+        torch.cuda.set_device(target)
+    dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    return dist.get_rank(), world, target
+
+
+def all_mean(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Means over ranks of scalar metrics."""
+    if world == 1:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / world).tolist(), strict=True))
+
+
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one."""
+    if world == 1:
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+class StopSignal:
+    """Remembers SIGTERM / SIGUSR1 so the loop can checkpoint after the current step and exit."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+# --- state -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, in float32."""
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach().float() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's torch RNG states (CPU and, on GPU, CUDA)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what rng_state returned."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest checkpoint of a run folder, or None."""
+    found = sorted((out_dir / CHECKPOINTS).glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
+    """Write checkpoints/step-<step>.pt atomically; drop the oldest beyond `keep`."""
+    path = out_dir / CHECKPOINTS / f"step-{state['step']:09d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for old in sorted((out_dir / CHECKPOINTS).glob("step-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint, tensors on CPU (weights_only: no code runs on load)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+def build_run(cfg: dict, num_classes: int, image_size: int, rep_channels: int) -> tuple[nn.Module, object]:
+    """The model and objective of a `train` config section."""
+    m = cfg["model"]
+    overrides = {k: m[k] for k in ("depth", "hidden_size", "num_heads") if m[k] is not None}
+    model = build_model(
+        m["size"], m["patch"], input_size=image_size, in_channels=4, learn_sigma=m["learn_sigma"],
+        num_classes=num_classes if cfg["conditional"] else 0, class_dropout_prob=cfg["class_dropout"],
+        fusion=m["fusion"], rep_channels=rep_channels if m["fusion"] != "none" else 0,
+        grad_checkpointing=cfg["grad_checkpointing"], **overrides,
+    )
+    joint = {"rep_weight": cfg["rep_weight"], "rep_dropout": cfg["rep_dropout"],
+             "rep_dropout_mode": cfg["rep_dropout_mode"]}
+    if cfg["objective"] == "ddpm":
+        joint["learn_sigma"] = m["learn_sigma"]
+    return model, build_objective(cfg["objective"], **joint)
+
+
+def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, device: str = "auto",
+          quiet: bool = False) -> dict | None:
+    """Train (or resume) one run into out_dir; returns the manifest on rank 0 when finished."""
+    start = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world, device = setup_distributed(device)
+    if cfg["batch_size"] % world:
+        raise ReDiError(f"train.batch_size {cfg['batch_size']} is not divisible by {world} processes")
+    local_batch = cfg["batch_size"] // world
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
+
+    data = TrainingData(latents, features, cfg["rank"], cfg["normalize_z"], cfg["flip"], cfg["seed"],
+                        rank, world)
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
+    model, objective = build_run(cfg, data.num_classes, data.mean.shape[-1], cfg["rank"])
+    model.to(device)
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                            fused=device.type == "cuda")
+    step, metrics_path = 0, out_dir / "metrics.jsonl"
+    resume = latest_checkpoint(out_dir)
+    if resume is not None:
+        state = load_checkpoint(resume)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        if len(state["rng"]) != world:
+            raise ReDiError(f"{resume} was written by {len(state['rng'])} processes; resume it with as many "
+                            f"(this run has {world})")
+        data.load_state_dict(state["data"][rank])
+        set_rng_state(state["rng"][rank], device)
+        step = int(state["step"])
+    else:
+        torch.manual_seed(cfg["seed"] * 1000 + rank)  # independent noise per rank
+    if rank == 0:
+        _truncate_metrics(metrics_path, step)
+    net = DistributedDataParallel(model) if world > 1 else model
+    forward = torch.compile(net) if cfg["compile"] else net
+    stop = StopSignal()
+
+    def checkpoint_state() -> dict:
+        gathered_rng, gathered_data = [None] * world, [None] * world
+        if world > 1:
+            dist.all_gather_object(gathered_rng, rng_state(device))
+            dist.all_gather_object(gathered_data, data.state_dict())
+        else:
+            gathered_rng, gathered_data = [rng_state(device)], [data.state_dict()]
+        return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "step": step, "rng": gathered_rng, "data": gathered_data, "config": cfg}
+
+    def save() -> None:
+        state = checkpoint_state()  # every rank joins the gathers
+        if rank == 0:
+            save_checkpoint(out_dir, state, cfg["keep_checkpoints"])
+
+    bar = tqdm(total=cfg["steps"], initial=step, desc="train", unit="step", disable=rank != 0 or quiet)
+    window_start, window_images = time.time(), 0
+    while step < cfg["steps"]:
+        lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] else cfg["lr"]
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = {k: v.to(device, non_blocking=True) for k, v in data.next_batch(local_batch).items()}
+        x = (batch["mean"] + batch["std"] * torch.randn_like(batch["std"])) * data.scaling_factor
+        z = batch["z"] if cfg["model"]["fusion"] != "none" else None
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            losses = objective.loss(forward, x, z, batch["y"] if cfg["conditional"] else None)
+        if any_rank(not torch.isfinite(losses["loss"]).item(), world, device):
+            last = latest_checkpoint(out_dir)
+            raise ReDiError(f"non-finite loss ({losses['loss'].item()}) at step {step + 1}; stopped before "
+                            f"the update; last good checkpoint: {last or 'none yet'}")
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf)
+        opt.step()
+        update_ema(ema, model, cfg["ema_decay"])
+        step += 1
+        window_images += cfg["batch_size"]
+        bar.update(1)
+        if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+            values = {k: float(v) for k, v in losses.items()} | {"grad_norm": float(grad_norm)}
+            values = all_mean(values, world, device)
+            elapsed = time.time() - window_start
+            record = {"step": step, **values, "lr": lr, "img_per_s": window_images / max(elapsed, 1e-9)}
+            if device.type == "cuda":
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+            window_start, window_images = time.time(), 0
+        stopping = any_rank(stop.received is not None, world, device)
+        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stopping:
+            save()
+        if stopping and step < cfg["steps"]:
+            raise ReDiError(f"stopped by a signal after step {step}; checkpoint saved, rerun to resume")
+    bar.close()
+    checksums = _replica_checksums(model, world, device)
+    if rank != 0:
+        return None
+    final = out_dir / "final.pt"
+    with atomic_path(final) as tmp:
+        torch.save({"ema": ema.state_dict(), "model": model.state_dict(), "step": step, "config": cfg,
+                    "num_classes": data.num_classes, "scaling_factor": data.scaling_factor}, tmp)
+    return write_manifest(
+        out_dir / "manifest.json", "train", {"train": cfg},
+        inputs={"latents": Path(latents).with_name("manifest.json"),
+                "features": Path(features).with_name("manifest.json")},
+        steps=step, world_size=world, device=str(device), bf16=bf16,
+        parameters=sum(p.numel() for p in model.parameters()), replica_checksums=checksums,
+        wall_time_s=round(time.time() - start, 2),
+    )
+
+
+def _replica_checksums(model: nn.Module, world: int, device: torch.device) -> list[float]:
+    """Sum of all weights on every rank: DDP replicas must agree exactly."""
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    if world == 1:
+        return [total.item()]
+    gathered = [torch.zeros_like(total) for _ in range(world)]
+    dist.all_gather(gathered, total.to(device))
+    return [g.item() for g in gathered]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint a run resumes from (they will be redone)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+
+
+def run_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi train`."""
+    try:
+        train(cfg["train"], args.latents, args.features, args.out, args.device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
