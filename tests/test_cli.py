@@ -210,10 +210,15 @@ def test_stage_config_without_resources_has_no_resource_keys(stage):
         if section in ("shard", "latents", "features"):  # data-parallel readers: speed only
             assert not {"workers", "batch_size"} & set(values), section
         dropped = set(with_resources[section]) - set(values)
-        assert dropped <= {"workers", "batch_size"}, section
+        speed_only = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
+                      "features": {"workers", "batch_size"},
+                      "train": {"ckpt_every", "keep_checkpoints", "log_every", "compile"}}.get(section, set())
+        assert dropped == (speed_only & set(with_resources[section])), section
         assert set(values) <= set(full[section])
     if stage == "train-standins":  # the training batch size changes the trained weights: kept
         assert without["standins"]["batch_size"] == 64
+    if stage == "train":
+        assert without["train"]["batch_size"] == 256 and "steps" in without["train"]
 
 
 def test_stage_config_returns_a_copy():
@@ -226,7 +231,8 @@ def test_stage_config_returns_a_copy():
 def stage_argv(stage: str) -> list[str]:
     paths = {"demo-data": ["--out"], "shard": ["--input", "--out"], "train-standins": ["--shards", "--out"],
              "encode-latents": ["--shards", "--out"], "extract-features": ["--shards", "--out"],
-             "fit-pca": ["--features", "--out"], "project-features": ["--shards", "--pca", "--out"]}
+             "fit-pca": ["--features", "--out"], "project-features": ["--shards", "--pca", "--out"],
+             "train": ["--latents", "--features", "--out"]}
     argv = [stage]
     for flag in paths[stage]:
         argv += [flag, "x"]

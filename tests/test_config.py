@@ -55,7 +55,10 @@ def test_every_schema_default_is_filled():
             assert config[section] == node["default"], section
             continue
         for key, sub in node["properties"].items():
-            if "default" in sub:
+            if "properties" in sub:  # a nested block (train.model): each of its keys has its default
+                for inner, leaf in sub["properties"].items():
+                    assert config[section][key][inner] == leaf["default"], f"{section}.{key}.{inner}"
+            elif "default" in sub:
                 assert config[section][key] == sub["default"], f"{section}.{key}"
 
 
