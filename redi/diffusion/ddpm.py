@@ -50,6 +50,7 @@ class GaussianDiffusion(JointObjective):
     def __init__(self, num_steps: int = 1000, learn_sigma: bool = True, **joint):
         super().__init__(**joint)
         self.num_steps, self.learn_sigma = num_steps, learn_sigma
+        self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
         betas = linear_betas(num_steps)
         alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -73,7 +74,10 @@ class GaussianDiffusion(JointObjective):
 
     def _at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Schedule entry `name` at timesteps t, shaped to broadcast against `like`."""
-        values = torch.from_numpy(self.schedule[name]).to(like.device)[t.long()]
+        key = (name, like.device)
+        if key not in self._tables:  # one host-to-device copy per table and device, not per step
+            self._tables[key] = torch.from_numpy(self.schedule[name]).to(like.device)
+        values = self._tables[key][t.long()]
         return values.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
     def sample_t(self, n: int, device: torch.device) -> torch.Tensor:

@@ -39,8 +39,8 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         """[cos(t * f_i), sin(t * f_i)] with f_i = max_period^(-i / (dim/2)), i < dim/2."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-        args = t[:, None].float() * freqs.to(t.device)[None]
+        steps = torch.arange(half, dtype=torch.float32, device=t.device)
+        args = t[:, None].float() * torch.exp(-math.log(max_period) * steps / half)[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
