@@ -41,6 +41,7 @@ def encode_latents(
         out_path, n,
         datasets={**{k: (latent, dtype) for k in names}, "labels": ((), "int64")},
         attrs={"scaling_factor": encoder.scaling_factor, "image_size": size, "flip": flip,
+               "num_classes": shards["num_classes"],
                "shards": sha256_file(shard_manifest),
                "encoder": getattr(encoder, "weights_id", "unregistered")},
     )

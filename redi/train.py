@@ -162,6 +162,10 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
 
     data = TrainingData(latents, features, cfg["rank"], cfg["normalize_z"], cfg["flip"], cfg["seed"],
                         rank, world)
+    grid = data.mean.shape[-1] // cfg["model"]["patch"]
+    if data.z.shape[-1] != grid:
+        raise ReDiError(f"the PCA maps are {data.z.shape[-1]}x{data.z.shape[-1]} but the model's token grid "
+                        f"is {grid}x{grid}: set features.grid = latent side / train.model.patch")
     torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     model, objective = build_run(cfg, data.num_classes, data.mean.shape[-1], cfg["rank"])
     model.to(device)

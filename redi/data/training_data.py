@@ -52,7 +52,8 @@ class TrainingData:
             self.z = torch.stack([torch.from_numpy(feat["z" + v][lo:hi, :rank]) for v in views])
             self.scaling_factor = float(lat.attrs["scaling_factor"])
             z_scale = feat["component_std"][:rank] if normalize_z else np.ones(rank)
-            self.num_classes = int(lat["labels"][:].max()) + 1
+            # the dataset's class count (a subset may lack the last classes); older files: max + 1
+            self.num_classes = int(lat.attrs.get("num_classes", lat["labels"][:].max() + 1))
         self.z_scale = torch.from_numpy(np.asarray(z_scale, dtype=np.float32)).view(1, rank, 1, 1)
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.num_views, self.size = len(views), hi - lo
