@@ -24,9 +24,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .data.training_data import TrainingData
+from .cli import RESOURCE_KEYS
+from .data.training_data import TrainingData, stream_seed
+from .devices import resolve_device
 from .diffusion import build_objective
-from .encoders import resolve_device
 from .errors import ReDiError
 from .io import atomic_path, write_manifest
 from .models import build_model
@@ -73,11 +74,15 @@ class StopSignal:
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum, frame):
         self.received = signum
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # --- state -------------------------------------------------------------------------------------
@@ -179,6 +184,10 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
+        changed = _changed_keys(state["config"], cfg)
+        if changed:
+            raise ReDiError(f"{resume} was trained with other settings ({', '.join(changed)}); use a new "
+                            f"output folder, or put the settings back (only steps and speed keys may change)")
         if len(state["rng"]) != world:
             raise ReDiError(f"{resume} was written by {len(state['rng'])} processes; resume it with as many "
                             f"(this run has {world})")
@@ -186,7 +195,7 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
         set_rng_state(state["rng"][rank], device)
         step = int(state["step"])
     else:
-        torch.manual_seed(cfg["seed"] * 1000 + rank)  # independent noise per rank
+        torch.manual_seed(stream_seed(cfg["seed"], rank, "noise"))  # independent noise per rank
     if rank == 0:
         _truncate_metrics(metrics_path, step)
     net = DistributedDataParallel(model) if world > 1 else model
@@ -209,46 +218,48 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
             save_checkpoint(out_dir, state, cfg["keep_checkpoints"])
 
     bar = tqdm(total=cfg["steps"], initial=step, desc="train", unit="step", disable=rank != 0 or quiet)
-    window_start, window_images = time.time(), 0
-    while step < cfg["steps"]:
-        lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] else cfg["lr"]
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = {k: v.to(device, non_blocking=True) for k, v in data.next_batch(local_batch).items()}
-        x = (batch["mean"] + batch["std"] * torch.randn_like(batch["std"])) * data.scaling_factor
-        z = batch["z"] if cfg["model"]["fusion"] != "none" else None
-        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            losses = objective.loss(forward, x, z, batch["y"] if cfg["conditional"] else None)
-        if any_rank(not torch.isfinite(losses["loss"]).item(), world, device):
-            last = latest_checkpoint(out_dir)
-            raise ReDiError(f"non-finite loss ({losses['loss'].item()}) at step {step + 1}; stopped before "
-                            f"the update; last good checkpoint: {last or 'none yet'}")
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf)
-        opt.step()
-        update_ema(ema, model, cfg["ema_decay"])
-        step += 1
-        window_images += cfg["batch_size"]
-        bar.update(1)
-        if step % cfg["log_every"] == 0 or step == cfg["steps"]:
-            values = {k: float(v) for k, v in losses.items()} | {"grad_norm": float(grad_norm)}
-            values = all_mean(values, world, device)
-            elapsed = time.time() - window_start
-            record = {"step": step, **values, "lr": lr, "img_per_s": window_images / max(elapsed, 1e-9)}
-            if device.type == "cuda":
-                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{values['loss']:.4f}")
-            window_start, window_images = time.time(), 0
-        stopping = any_rank(stop.received is not None, world, device)
-        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stopping:
-            save()
-        if stopping and step < cfg["steps"]:
-            raise ReDiError(f"stopped by a signal after step {step}; checkpoint saved, rerun to resume")
-    bar.close()
+    try:
+        window_start, window_images = time.time(), 0
+        while step < cfg["steps"]:
+            lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] else cfg["lr"]
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = {k: v.to(device, non_blocking=True) for k, v in data.next_batch(local_batch).items()}
+            x = (batch["mean"] + batch["std"] * torch.randn_like(batch["std"])) * data.scaling_factor
+            z = batch["z"] if cfg["model"]["fusion"] != "none" else None
+            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                losses = objective.loss(forward, x, z, batch["y"] if cfg["conditional"] else None)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf)
+            bad = not (torch.isfinite(losses["loss"]) and torch.isfinite(grad_norm)).item()
+            if any_rank(bad, world, device):
+                raise _non_finite(losses["loss"], grad_norm, step + 1, batch["index"], rank, out_dir)
+            opt.step()
+            update_ema(ema, model, cfg["ema_decay"])
+            step += 1
+            window_images += cfg["batch_size"]
+            bar.update(1)
+            if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+                values = {k: float(v.detach()) for k, v in losses.items()} | {"grad_norm": float(grad_norm)}
+                values = all_mean(values, world, device)
+                elapsed = time.time() - window_start
+                record = {"step": step, **values, "lr": lr, "img_per_s": window_images / max(elapsed, 1e-9)}
+                if device.type == "cuda":
+                    record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                if rank == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{values['loss']:.4f}")
+                window_start, window_images = time.time(), 0
+            stopping = any_rank(stop.received is not None, world, device)
+            if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stopping:
+                save()
+            if stopping and step < cfg["steps"]:
+                raise ReDiError(f"stopped by a signal after step {step}; checkpoint saved, rerun to resume")
+    finally:
+        stop.restore()
+        bar.close()
     checksums = _replica_checksums(model, world, device)
     if rank != 0:
         return None
@@ -276,11 +287,42 @@ def _replica_checksums(model: nn.Module, world: int, device: torch.device) -> li
     return [g.item() for g in gathered]
 
 
+def _non_finite(loss, grad_norm, step: int, index: torch.Tensor, rank: int, out_dir: Path) -> ReDiError:
+    """The error that stops a run whose loss or gradient is NaN/inf, naming the step and the batch."""
+    samples = index.tolist()
+    shown = f"{samples[:16]}{' ...' if len(samples) > 16 else ''}"
+    return ReDiError(
+        f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step {step}, batch "
+        f"samples {shown} (rank {rank}); stopped before the update; last good checkpoint: "
+        f"{latest_checkpoint(out_dir) or 'none yet'}")
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Result-changing train keys that differ between a checkpoint's config and this run's."""
+    free = {"steps", *RESOURCE_KEYS["train"]}
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if not prefix and key in free:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"train.{prefix}{key}: {a!r} -> {b!r}")
+    return changed
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after the checkpoint a run resumes from (they will be redone)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                lines.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by a crash
+            continue
     with atomic_path(path) as tmp:
         tmp.write_text("".join(ln + "\n" for ln in lines))
 

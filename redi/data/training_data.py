@@ -18,6 +18,12 @@ from ..errors import ReDiError
 from ..io import require_file
 
 
+def stream_seed(seed: int, process_rank: int, purpose: str) -> int:
+    """Independent 63-bit seeds per (run seed, rank, purpose): data order and noise never share a stream."""
+    words = np.random.SeedSequence([seed, process_rank, int.from_bytes(purpose.encode(), "little")])
+    return int(words.generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> np.uint64(1))
+
+
 class TrainingData:
     """Posterior mean/std, PCA maps (first `rank` channels) and labels of this rank's samples."""
 
@@ -40,7 +46,7 @@ class TrainingData:
             if feat["z"].shape[1] < rank:
                 raise ReDiError(f"train.rank = {rank} exceeds the {feat['z'].shape[1]} PCA channels of "
                                 f"{features_path} (raise pca.rank_max)")
-            if flip and not ("mean_flip" in lat and "z_flip" in feat):
+            if flip and not ("mean_flip" in lat and "std_flip" in lat and "z_flip" in feat):
                 raise ReDiError("train.flip needs flipped latents and features (latents.flip: true)")
             lo, hi = n * process_rank // world_size, n * (process_rank + 1) // world_size
             labels = lat["labels"][lo:hi]
@@ -57,7 +63,8 @@ class TrainingData:
         self.z_scale = torch.from_numpy(np.asarray(z_scale, dtype=np.float32)).view(1, rank, 1, 1)
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.num_views, self.size = len(views), hi - lo
-        self.generator = torch.Generator().manual_seed(seed * 1000 + process_rank)
+        self.first_index = lo
+        self.generator = torch.Generator().manual_seed(stream_seed(seed, process_rank, "data"))
         self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
 
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
@@ -70,6 +77,7 @@ class TrainingData:
         self.position += batch_size
         view = torch.randint(0, self.num_views, (batch_size,), generator=self.generator)
         return {
+            "index": idx + self.first_index,
             "mean": self.mean[view, idx].float(),
             "std": self.std[view, idx].float(),
             "z": self.z[view, idx].float() / self.z_scale,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import ReDiError
 from ..io import fingerprint
 from .vae import LatentEncoder, load_vae
@@ -79,8 +80,5 @@ def load_encoder(
     return encoder.to(device).eval()
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+__all__ = ["ENCODERS", "EncoderSpec", "LatentEncoder", "PatchFeatureEncoder", "is_local", "load_encoder",
+           "resolve_device"]
