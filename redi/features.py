@@ -20,16 +20,21 @@ from .io import read_manifest, sha256_file, write_manifest
 from .pca import load_pca, project
 
 
+def class_counts(shard_manifest: dict) -> list[int]:
+    """Images per class, in label order."""
+    return [shard_manifest["counts_per_class"][name] for name in shard_manifest["classes"]]
+
+
 def class_ranges(shard_manifest: dict) -> list[tuple[int, int]]:
     """[start, stop) index range of each class: shards hold the classes in label order."""
-    counts = [shard_manifest["counts_per_class"][name] for name in shard_manifest["classes"]]
+    counts = class_counts(shard_manifest)
     stops = np.cumsum(counts)
     return [(int(b - c), int(b)) for b, c in zip(stops, counts, strict=True)]
 
 
 def labels_of(shard_manifest: dict) -> np.ndarray:
     """The label of every sample index, from the per-class counts."""
-    counts = [shard_manifest["counts_per_class"][name] for name in shard_manifest["classes"]]
+    counts = class_counts(shard_manifest)
     return np.repeat(np.arange(len(counts)), counts)
 
 
