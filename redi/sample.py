@@ -1,0 +1,70 @@
+"""Samplers for the joint (x, z) state: SiT's probability-flow ODE (Euler, Heun) and DiT's DDIM.
+
+`predict(x, z, t)` returns the (x, z) predictions of a (guided) model: velocities for the
+interpolant (t from 0 = noise to 1 = data), epsilons for DDPM (integer t counting down to 0).
+z is None for a model without ReDi fusion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .diffusion import GaussianDiffusion
+
+Predict = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor],
+                   tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _step(state, velocity, dt):
+    return tuple(None if s is None else s + dt * v for s, v in zip(state, velocity, strict=True))
+
+
+@torch.no_grad()
+def ode_sample(predict: Predict, x: torch.Tensor, z: torch.Tensor | None, steps: int = 50,
+               method: str = "heun") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Integrate dx/dt = v(x, t) from t = 0 (noise) to 1 (data) on a uniform grid."""
+    if method not in ("euler", "heun"):
+        raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
+    times = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    state = (x, z)
+    for t0, t1 in zip(times[:-1], times[1:], strict=True):
+        dt = float(t1 - t0)
+        t = torch.full((x.shape[0],), float(t0), device=x.device)
+        v0 = predict(*state, t)
+        nxt = _step(state, v0, dt)
+        if method == "heun":
+            v1 = predict(*nxt, torch.full_like(t, float(t1)))
+            mean_v = tuple(None if a is None else (a + b) / 2 for a, b in zip(v0, v1, strict=True))
+            nxt = _step(state, mean_v, dt)
+        state = nxt
+    return state
+
+
+@torch.no_grad()
+def ddim_sample(diffusion: GaussianDiffusion, predict: Predict, x: torch.Tensor, z: torch.Tensor | None,
+                steps: int = 50, eta: float = 0.0,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DDIM on `steps` evenly spaced timesteps of the 1000; eta = 0 is deterministic."""
+    abar = diffusion.schedule["alphas_cumprod"]
+    timesteps = np.linspace(0, diffusion.num_steps - 1, steps).round().astype(int)[::-1]
+    state = (x, z)
+    for i, step in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        a, a_prev = abar[step], (abar[prev] if prev >= 0 else 1.0)
+        sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        t = torch.full((x.shape[0],), int(step), device=x.device, dtype=torch.long)
+        eps = predict(*state, t)
+        new = []
+        for s, e in zip(state, eps, strict=True):
+            if s is None:
+                new.append(None)
+                continue
+            x0 = (s - np.sqrt(1 - a) * e) / np.sqrt(a)
+            mean = np.sqrt(a_prev) * x0 + np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * e
+            noise = torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype) if sigma else 0
+            new.append(mean + sigma * noise)
+        state = tuple(new)
+    return state
