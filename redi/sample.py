@@ -1,4 +1,4 @@
-"""Samplers for the joint (x, z) state: SiT's probability-flow ODE (Euler, Heun) and DiT's DDIM.
+"""Samplers for the joint (x, z) state: SiT's ODE (Euler, Heun) and SDE (Euler-Maruyama), DiT's DDIM.
 
 `predict(x, z, t)` returns the (x, z) predictions of a (guided) model: velocities for the
 interpolant (t from 0 = noise to 1 = data), epsilons for DDPM (integer t counting down to 0).
@@ -41,6 +41,36 @@ def ode_sample(predict: Predict, x: torch.Tensor, z: torch.Tensor | None, steps:
             nxt = _step(state, mean_v, dt)
         state = nxt
     return state
+
+
+@torch.no_grad()
+def sde_sample(predict: Predict, x: torch.Tensor, z: torch.Tensor | None, steps: int = 250,
+               last_step: float = 0.04,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SiT's Euler-Maruyama sampler: dx = [v + w s] dt + sqrt(2 w) dW with w(t) = 1 - t.
+
+    The score of the linear interpolant follows from the velocity, s = (t v - x) / (1 - t), so
+    w s = t v - x stays finite; the Langevin part (w s dt + sqrt(2 w) dW) keeps the marginals of
+    the probability-flow ODE. Integrates t from 0 to 1 - last_step, then one deterministic
+    (mean) Euler step to t = 1.
+    """
+    times = torch.linspace(0.0, 1.0 - last_step, steps, dtype=torch.float64)
+    state = (x, z)
+
+    def drift(state, t, scalar):
+        v = predict(*state, t)
+        return tuple(None if s is None else vi + (scalar * vi - s) for s, vi in zip(state, v, strict=True))
+
+    for t0, t1 in zip(times[:-1], times[1:], strict=True):
+        dt, scalar = float(t1 - t0), float(t0)
+        t = torch.full((x.shape[0],), scalar, device=x.device)
+        mean = _step(state, drift(state, t, scalar), dt)
+        scale = (2.0 * (1.0 - scalar) * dt) ** 0.5
+        state = tuple(None if m is None else m + scale * torch.randn(
+            m.shape, generator=generator, device=m.device, dtype=m.dtype) for m in mean)
+    t_end = float(times[-1])
+    v = predict(*state, torch.full((x.shape[0],), t_end, device=x.device))
+    return _step(state, v, 1.0 - t_end)
 
 
 @torch.no_grad()

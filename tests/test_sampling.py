@@ -8,7 +8,7 @@ import torch
 from redi.diffusion import GaussianDiffusion
 from redi.guidance import Guidance, guided_prediction
 from redi.models import build_model
-from redi.sample import ddim_sample, ode_sample
+from redi.sample import ddim_sample, ode_sample, sde_sample
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,17 @@ def test_ode_reaches_the_target_distribution(method, steps):
     out, _ = ode_sample(exact_velocity, noise, None, steps=steps, method=method)
     assert out.mean().item() == pytest.approx(MU, abs=0.02)
     assert out.std().item() == pytest.approx(SIGMA, abs=0.02)
+
+
+def test_sde_reaches_the_target_distribution_and_draws_noise():
+    noise = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out, _ = sde_sample(exact_velocity, noise, None, steps=250, generator=torch.Generator().manual_seed(1))
+    assert out.mean().item() == pytest.approx(MU, abs=0.03)
+    assert out.std().item() == pytest.approx(SIGMA, abs=0.03)
+    again, _ = sde_sample(exact_velocity, noise, None, steps=250, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(out, again)  # stochastic: another generator, other samples
+    ode, _ = ode_sample(exact_velocity, noise, None, steps=250, method="euler")
+    assert (out - ode).abs().mean().item() > 0.01  # not the ODE in disguise
 
 
 def test_ode_moves_z_along_with_x():
