@@ -15,8 +15,8 @@ from tqdm import tqdm
 from .data.reader import iter_batches
 from .encoders import PatchFeatureEncoder, load_encoder, resolve_device
 from .errors import ReDiError
-from .h5store import ResumableH5
-from .io import read_manifest, sha256_file, write_manifest
+from .h5store import ResumableH5, provenance
+from .io import read_manifest, write_manifest
 from .pca import load_pca, project
 
 
@@ -81,8 +81,7 @@ def extract_features(
         out_path, len(sample),
         datasets={"tokens": ((tokens, encoder.dim), dtype), "index": ((), "int64"),
                   "labels": ((), "int64")},
-        attrs={"grid": encoder.grid[0], "seed": seed, "shards": sha256_file(shard_manifest),
-               "encoder": getattr(encoder, "weights_id", "unregistered")},
+        attrs={"grid": encoder.grid[0], "seed": seed, **provenance(shard_manifest, encoder)},
         chunk_rows=16,
     )
     todo = np.zeros(shards["num_samples"], dtype=bool)
@@ -137,8 +136,7 @@ def project_features(
     store = ResumableH5(
         out_path, n,
         datasets={**{k: ((rank_max, gh, gw), dtype) for k in names}, "labels": ((), "int64")},
-        attrs={"rank_max": rank_max, "flip": flip, "shards": sha256_file(shard_manifest),
-               "encoder": getattr(encoder, "weights_id", "unregistered"), "pca": pca_id},
+        attrs={"rank_max": rank_max, "flip": flip, "pca": pca_id, **provenance(shard_manifest, encoder)},
     )
     todo = store.todo
     with tqdm(total=n, initial=n - int(todo.sum()), desc="project-features", unit="img") as bar:

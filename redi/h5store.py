@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from .errors import ReDiError
-from .io import code_fingerprint
+from .io import code_fingerprint, sha256_file
 
 
 class ResumableH5:
@@ -94,3 +94,9 @@ class ResumableH5:
 
 def _attr(value: Any) -> Any:
     return "" if value is None else value
+
+
+def provenance(shard_manifest: str | os.PathLike, encoder: Any) -> dict[str, str]:
+    """Attributes naming what a stage's rows are made from: the shards and the encoder's weights."""
+    return {"shards": sha256_file(shard_manifest),
+            "encoder": getattr(encoder, "weights_id", "unregistered")}  # set by load_encoder

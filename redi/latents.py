@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from .data.reader import iter_batches
 from .encoders import LatentEncoder, load_encoder, resolve_device
-from .h5store import ResumableH5
-from .io import read_manifest, sha256_file, write_manifest
+from .h5store import ResumableH5, provenance
+from .io import read_manifest, write_manifest
 
 
 def encode_latents(
@@ -42,8 +42,7 @@ def encode_latents(
         datasets={**{k: (latent, dtype) for k in names}, "labels": ((), "int64")},
         attrs={"scaling_factor": encoder.scaling_factor, "image_size": size, "flip": flip,
                "num_classes": shards["num_classes"],
-               "shards": sha256_file(shard_manifest),
-               "encoder": getattr(encoder, "weights_id", "unregistered")},
+               **provenance(shard_manifest, encoder)},
     )
     todo = store.todo
     with tqdm(total=n, initial=n - int(todo.sum()), desc="encode-latents", unit="img") as bar:
