@@ -2,13 +2,15 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from redi.diffusion import GaussianDiffusion
+from redi.diffusion.ddpm import respaced_timesteps
 from redi.guidance import Guidance, guided_prediction
 from redi.models import build_model
-from redi.sample import ddim_sample, ode_sample, sde_sample
+from redi.samplers import PerSampleNoise, ddim_sample, ddpm_sample, generator_noise, ode_sample, sde_sample
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +100,11 @@ def test_ode_reaches_the_target_distribution(method, steps):
 
 def test_sde_reaches_the_target_distribution_and_draws_noise():
     noise = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out, _ = sde_sample(exact_velocity, noise, None, steps=250, generator=torch.Generator().manual_seed(1))
+    draws = [generator_noise(torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    out, _ = sde_sample(exact_velocity, noise, None, steps=250, noise=draws[0])
     assert out.mean().item() == pytest.approx(MU, abs=0.03)
     assert out.std().item() == pytest.approx(SIGMA, abs=0.03)
-    again, _ = sde_sample(exact_velocity, noise, None, steps=250, generator=torch.Generator().manual_seed(2))
+    again, _ = sde_sample(exact_velocity, noise, None, steps=250, noise=draws[1])
     assert not torch.equal(out, again)  # stochastic: another generator, other samples
     ode, _ = ode_sample(exact_velocity, noise, None, steps=250, method="euler")
     assert (out - ode).abs().mean().item() > 0.01  # not the ODE in disguise
@@ -114,13 +117,18 @@ def test_ode_moves_z_along_with_x():
     torch.testing.assert_close(out_z, 2 * torch.ones_like(z))
 
 
+def exact_epsilon_of(z, a, mu=-1.0, sigma=2.0):
+    """E[eps | z_t] for z0 ~ N(mu, sigma^2): a second target, for the representation channels."""
+    return (1 - a).sqrt() * (z - a.sqrt() * mu) / (a * sigma**2 + 1 - a)
+
+
 def exact_epsilon(diffusion):
     abar = torch.from_numpy(diffusion.schedule["alphas_cumprod"])
 
     def predict(x, z, t):
-        a = abar[t].view(-1, 1)
+        a = abar[t].view(-1, *[1] * (x.dim() - 1))
         eps = (1 - a).sqrt() * (x - a.sqrt() * MU) / (a * SIGMA**2 + 1 - a)
-        return eps, None
+        return eps, None if z is None else exact_epsilon_of(z, a)
 
     return predict
 
@@ -139,7 +147,74 @@ def test_ddim_with_eta_draws_noise():
     diffusion = GaussianDiffusion(learn_sigma=False)
     noise = torch.randn(64, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     a, _ = ddim_sample(diffusion, exact_epsilon(diffusion), noise, None, steps=20, eta=1.0,
-                       generator=torch.Generator().manual_seed(1))
+                       noise=generator_noise(torch.Generator().manual_seed(1)))
     b, _ = ddim_sample(diffusion, exact_epsilon(diffusion), noise, None, steps=20, eta=1.0,
-                       generator=torch.Generator().manual_seed(2))
+                       noise=generator_noise(torch.Generator().manual_seed(2)))
     assert not torch.equal(a, b) and math.isfinite(a.sum().item())
+
+
+def test_respacing_matches_adm_stride_and_keeps_both_ends():
+    for steps in (1, 25, 50, 250, 1000):
+        kept = respaced_timesteps(1000, steps)
+        # ADM's space_timesteps("N"): accumulate the fractional stride, round each position
+        stride, position, reference = (1000 - 1) / max(steps - 1, 1), 0.0, []
+        for _ in range(steps):
+            reference.append(round(position))
+            position += stride
+        assert kept.tolist() == reference and len(kept) == steps
+    with pytest.raises(ValueError, match="steps"):
+        respaced_timesteps(1000, 0)
+
+
+def test_respaced_diffusion_keeps_the_cumulative_alphas():
+    full = GaussianDiffusion()
+    respaced, kept = full.respaced(50)
+    np.testing.assert_allclose(respaced.schedule["alphas_cumprod"], full.schedule["alphas_cumprod"][kept],
+                               rtol=1e-12)
+    assert respaced.num_steps == 50
+
+
+def test_ddpm_ancestral_reaches_both_targets_with_learned_variance_channels():
+    diffusion = GaussianDiffusion(learn_sigma=True)
+    eps = exact_epsilon(diffusion)
+
+    def predict(x, z, t):  # variance channels at -1: the posterior's variance (fixed small)
+        ex, ez = eps(x, z, t)
+        return torch.cat([ex, -torch.ones_like(ex)], dim=1), ez
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 1, generator=g, dtype=torch.float64)
+    z = torch.randn(20000, 1, generator=g, dtype=torch.float64)
+    out_x, out_z = ddpm_sample(diffusion, predict, x, z, steps=250, noise=generator_noise(g))
+    assert out_x.mean().item() == pytest.approx(MU, abs=0.03)
+    assert out_x.std().item() == pytest.approx(SIGMA, abs=0.03)
+    assert out_z.mean().item() == pytest.approx(-1.0, abs=0.06)
+    assert out_z.std().item() == pytest.approx(2.0, abs=0.06)
+
+
+def test_ddpm_uses_the_learned_variance():
+    diffusion = GaussianDiffusion(learn_sigma=True)
+    eps = exact_epsilon(diffusion)
+    x = torch.randn(4000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spread = []
+    for v in (-1.0, 1.0):  # the fixed-small vs the fixed-large end of the learned range
+        def predict(x, z, t, v=v):
+            ex, _ = eps(x, z, t)
+            return torch.cat([ex, torch.full_like(ex, v)], dim=1), None
+        out, _ = ddpm_sample(diffusion, predict, x, None, steps=50,
+                             noise=generator_noise(torch.Generator().manual_seed(1)))
+        spread.append(out.std().item())
+    assert spread[1] > spread[0] + 0.01  # larger variance, wider samples
+
+
+def test_per_sample_noise_does_not_depend_on_the_batch():
+    like = torch.zeros(3, 2, 4)
+    together = PerSampleNoise([10, 11, 12])(like)
+    alone = torch.cat([PerSampleNoise([s])(like[:1]) for s in (10, 11, 12)])
+    assert torch.equal(together, alone)
+    assert not torch.equal(together[0], together[1])
+    labels = PerSampleNoise([10, 11, 12]).integers(1000)
+    assert labels.shape == (3,) and labels.tolist() == [PerSampleNoise([s]).integers(1000).item()
+                                                        for s in (10, 11, 12)]
+    with pytest.raises(ValueError, match="seeds"):
+        PerSampleNoise([1])(like)

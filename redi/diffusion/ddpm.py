@@ -21,6 +21,16 @@ def linear_betas(num_steps: int = 1000, start: float = 1e-4, end: float = 0.02) 
     return np.linspace(scale * start, scale * end, num_steps, dtype=np.float64)
 
 
+def respaced_timesteps(num_steps: int, steps: int) -> np.ndarray:
+    """`steps` evenly strided timesteps of 0..num_steps-1, both ends kept (ADM's space_timesteps)."""
+    if not 1 <= steps <= num_steps:
+        raise ValueError(f"steps must be in 1..{num_steps}, got {steps}")
+    if steps == 1:
+        return np.array([0])
+    stride = (num_steps - 1) / (steps - 1)
+    return np.array(sorted({round(i * stride) for i in range(steps)}))
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
@@ -47,11 +57,12 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 class GaussianDiffusion(JointObjective):
     """Discrete-time DDPM with epsilon prediction; timesteps t are integers 0..T-1."""
 
-    def __init__(self, num_steps: int = 1000, learn_sigma: bool = True, **joint):
+    def __init__(self, num_steps: int = 1000, learn_sigma: bool = True, betas: np.ndarray | None = None,
+                 **joint):
         super().__init__(**joint)
-        self.num_steps, self.learn_sigma = num_steps, learn_sigma
+        betas = linear_betas(num_steps) if betas is None else np.asarray(betas, dtype=np.float64)
+        self.num_steps, self.learn_sigma = len(betas), learn_sigma
         self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
-        betas = linear_betas(num_steps)
         alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -71,6 +82,17 @@ class GaussianDiffusion(JointObjective):
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas)
             / (1.0 - alphas_cumprod),
         }
+
+    def respaced(self, steps: int) -> tuple[GaussianDiffusion, np.ndarray]:
+        """A diffusion over `steps` of the timesteps (ADM's respacing) and its map to the model's t.
+
+        The kept timesteps keep their alphas_cumprod; the new betas follow from consecutive ratios,
+        so the learned variance interpolates within the respaced range, as in DiT's 250-step sampling.
+        """
+        kept = respaced_timesteps(self.num_steps, steps)
+        abar = self.schedule["alphas_cumprod"][kept]
+        betas = 1.0 - abar / np.append(1.0, abar[:-1])
+        return GaussianDiffusion(learn_sigma=self.learn_sigma, betas=betas), kept
 
     def _at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Schedule entry `name` at timesteps t, shaped to broadcast against `like`."""
