@@ -26,11 +26,16 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
     "project-features": {"features": ["encoder", "grid", "dtype", "batch_size", "workers"],
                          "pca": ["rank_max"], "latents": ["flip"]},
     "train": {"train": None},
+    "sample": {"sample": ["num_samples", "sampler", "steps", "ddim_eta", "cfg_scale", "cfg_channels",
+                          "cfg_noise_low", "cfg_noise_high", "rg_scale", "seed", "batch_size", "precision",
+                          "shard_size", "grid_images", "architecture"],
+               "latents": ["encoder"]},
 }
 # Keys that change how fast a stage runs, not what it writes: not part of the rerun hash.
 RESOURCE_KEYS = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
                  "features": {"workers", "batch_size"},
-                 "train": {"ckpt_every", "keep_checkpoints", "log_every", "compile"}}
+                 "train": {"ckpt_every", "keep_checkpoints", "log_every", "compile"},
+                 "sample": {"batch_size", "grid_images"}}
 # What changing a key outside STAGE_KEYS does (for the key table of config/README.md).
 OTHER_KEYS = {
     "results": "none: a different results folder",
@@ -38,8 +43,9 @@ OTHER_KEYS = {
     "launch.nproc_per_node": "none: processes per training job",
     "dataset.name": "none: a different results/<name> folder",
     "dataset.root": "shard (and all after it)",
+    "sample.checkpoint": "sample (and all after it); the workflow passes it as `redi sample --checkpoint`",
 }
-NEURAL_STAGES = {"encode-latents", "extract-features", "project-features", "train"}
+NEURAL_STAGES = {"encode-latents", "extract-features", "project-features", "train", "sample"}
 
 
 def stage_config(config: dict, stage: str, resources: bool = True) -> dict:
@@ -93,6 +99,11 @@ _STAGES: dict[str, tuple[str, list[tuple[str, str]], str]] = {
                ("--features", "pca_features.h5 of project-features"),
                ("--out", "run folder: checkpoints/, metrics.jsonl, final.pt, manifest.json")],
               "redi.train:run_stage"),
+    "sample": ("Generate sample.num_samples images (PNG tar shards, ADM samples.npz, grids); resumable. "
+               "Multi-GPU: torchrun --nproc-per-node N -m redi.cli sample ...",
+               [("--checkpoint", "final.pt of train, or an official DiT/SiT .pt with --architecture"),
+                ("--out", "output folder: shards/, samples.npz, grid.png, representations.png, manifest")],
+               "redi.sample:run_stage"),
 }
 
 

@@ -266,7 +266,8 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
     final = out_dir / "final.pt"
     with atomic_path(final) as tmp:
         torch.save({"ema": ema.state_dict(), "model": model.state_dict(), "step": step, "config": cfg,
-                    "num_classes": data.num_classes, "scaling_factor": data.scaling_factor}, tmp)
+                    "num_classes": data.num_classes, "scaling_factor": data.scaling_factor,
+                    "z_std": data.z_std}, tmp)
     return write_manifest(
         out_dir / "manifest.json", "train", {"train": cfg},
         inputs={"latents": Path(latents).with_name("manifest.json"),

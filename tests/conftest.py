@@ -58,3 +58,20 @@ def tiny_folder_layout() -> dict[str, list[tuple[str, tuple[int, int]]]]:
 
 
 # --- end of tiny image folder fixtures ------------------------------------------------------------
+
+
+# --- tiny diffusers VAE (encoder / sampling tests) ------------------------------------------------
+
+def write_tiny_vae(folder: Path, seed: int = 0) -> Path:
+    """Save a 2-level AutoencoderKL (f = 2, 4 latent channels) with random weights into `folder`."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8, sample_size=16,
+    )
+    vae.save_pretrained(folder)
+    return folder

@@ -232,7 +232,7 @@ def stage_argv(stage: str) -> list[str]:
     paths = {"demo-data": ["--out"], "shard": ["--input", "--out"], "train-standins": ["--shards", "--out"],
              "encode-latents": ["--shards", "--out"], "extract-features": ["--shards", "--out"],
              "fit-pca": ["--features", "--out"], "project-features": ["--shards", "--pca", "--out"],
-             "train": ["--latents", "--features", "--out"]}
+             "train": ["--latents", "--features", "--out"], "sample": ["--checkpoint", "--out"]}
     argv = [stage]
     for flag in paths[stage]:
         argv += [flag, "x"]

@@ -57,10 +57,12 @@ class TrainingData:
             self.std = torch.stack([torch.from_numpy(lat["std" + v][lo:hi]) for v in views])
             self.z = torch.stack([torch.from_numpy(feat["z" + v][lo:hi, :rank]) for v in views])
             self.scaling_factor = float(lat.attrs["scaling_factor"])
-            z_scale = feat["component_std"][:rank] if normalize_z else np.ones(rank)
+            component_std = np.asarray(feat["component_std"][:rank], dtype=np.float32)
+            z_scale = component_std if normalize_z else np.ones(rank, dtype=np.float32)
             # the dataset's class count (a subset may lack the last classes); older files: max + 1
             self.num_classes = int(lat.attrs.get("num_classes", lat["labels"][:].max() + 1))
         self.z_scale = torch.from_numpy(np.asarray(z_scale, dtype=np.float32)).view(1, rank, 1, 1)
+        self.z_std = torch.from_numpy(component_std / z_scale)  # per-channel std of z as the model sees it
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.num_views, self.size = len(views), hi - lo
         self.first_index = lo

@@ -1,0 +1,359 @@
+"""`redi sample`: N images from a trained run's EMA weights (or an official DiT/SiT checkpoint).
+
+Sample i is drawn from seed + i alone (its label, initial noise and every step's noise), so the
+images do not depend on the number of processes or on which batch a sample shares. Work is cut
+into fixed shards of indices; each finished shard is one tar of PNGs (image, representation map,
+label) renamed into place, so a rerun after a kill generates only the unfinished shards. Rank 0
+then writes the ADM-style samples.npz (arr_0 uint8 NHWC, arr_1 labels), the sample grid and the
+grid of representation maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+import tarfile
+import time
+import zipfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from .diffusion import GaussianDiffusion
+from .encoders import LatentEncoder, load_encoder
+from .errors import ReDiError
+from .guidance import Guidance, guided_prediction
+from .io import atomic_path, config_hash, require_file, sha256_file, write_json, write_manifest
+from .models import DiT, build_model
+from .samplers import PerSampleNoise, ddim_sample, ddpm_sample, ode_sample, sde_sample
+from .train import build_run, load_checkpoint, setup_distributed
+
+ARCHITECTURE = re.compile(r"^(DiT|SiT)-(S|B|L|XL)/(2|4|8)$")
+SHARD_PATTERN = "shard-{:06d}.tar"
+SAMPLERS = {"interpolant": ("sde", "ode-euler", "ode-heun"), "ddpm": ("ddpm", "ddim")}
+
+
+@dataclass
+class SamplingModel:
+    """A model ready to sample, with what sampling needs to know about how it was trained."""
+
+    model: DiT
+    objective: str  # "interpolant" (SiT) or "ddpm" (DiT)
+    num_classes: int  # 0: unconditional
+    scaling_factor: float | None  # latent scale used in training (None: the VAE's own)
+    z_std: torch.Tensor | None  # per-channel std of the generated z (to render it); None: unknown
+    description: str
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+def load_trained(path: str | Path) -> SamplingModel:
+    """The EMA weights of a `redi train` final.pt."""
+    state = load_checkpoint(require_file(path, "checkpoint"))
+    if not isinstance(state, dict) or "ema" not in state or "config" not in state:
+        raise ReDiError(f"{path} is not a final.pt of `redi train`; for an official DiT/SiT checkpoint set "
+                        f"sample.architecture (e.g. DiT-XL/2)")
+    cfg, ema = state["config"], state["ema"]
+    image_size = _input_size(ema, cfg["model"]["patch"])
+    model, _ = build_run(cfg, state["num_classes"], image_size, cfg["rank"])
+    model.load_state_dict(ema)
+    z_std = state.get("z_std") if cfg["model"]["fusion"] != "none" else None
+    return SamplingModel(model.eval(), cfg["objective"], state["num_classes"] if cfg["conditional"] else 0,
+                         state["scaling_factor"], z_std, f"redi train run, step {state['step']}")
+
+
+def load_official(path: str | Path, architecture: str) -> SamplingModel:
+    """An official DiT/SiT checkpoint: a flat state dict or a training checkpoint's 'ema' entry."""
+    match = ARCHITECTURE.match(architecture or "")
+    if match is None:
+        raise ReDiError(f"architecture must look like DiT-XL/2 or SiT-B/4, got {architecture!r}")
+    family, size, patch = match.group(1), match.group(2), int(match.group(3))
+    require_file(path, "checkpoint")
+    try:
+        state = load_checkpoint(path)
+    except Exception as err:  # e.g. a training checkpoint holding an argparse.Namespace
+        raise ReDiError(f"{path} could not be loaded with weights_only=True ({type(err).__name__}); save its "
+                        f"'ema' state dict alone: torch.save(ckpt['ema'], 'ema.pt')") from err
+    state = state.get("ema", state) if isinstance(state, dict) else state
+    if "pos_embed" not in state:
+        raise ReDiError(f"{path} holds no DiT/SiT state dict (no pos_embed key)")
+    out_rows = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    labels = state.get("y_embedder.embedding_table.weight")
+    num_classes = labels.shape[0] - 1 if labels is not None else 0  # the last row is the null class
+    model = build_model(size, patch, input_size=_input_size(state, patch), in_channels=4,
+                        learn_sigma=out_rows == 8, num_classes=num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ReDiError(f"{path} does not fit {architecture}: {str(err).splitlines()[0]}") from err
+    objective = "ddpm" if family == "DiT" else "interpolant"
+    return SamplingModel(model.eval(), objective, num_classes, None, None, f"official {architecture}")
+
+
+def _input_size(state: dict, patch: int) -> int:
+    return math.isqrt(state["pos_embed"].shape[1]) * patch
+
+
+# --- generation -------------------------------------------------------------------------------
+
+def guidance_of(cfg: dict) -> Guidance:
+    interval = (cfg["cfg_noise_low"], cfg["cfg_noise_high"])
+    return Guidance(cfg["cfg_scale"], cfg["rg_scale"], cfg["cfg_channels"] == "all",
+                    None if interval == (0.0, 1.0) else interval)
+
+
+def sampler_of(cfg: dict, objective: str) -> str:
+    """The configured sampler, checked against the model's objective ('auto': the paper's)."""
+    name = cfg["sampler"] if cfg["sampler"] != "auto" else SAMPLERS[objective][0]
+    if name not in SAMPLERS[objective]:
+        raise ReDiError(f"sample.sampler {name!r} does not fit a {objective} model; "
+                        f"choose one of: auto, {', '.join(SAMPLERS[objective])}")
+    return name
+
+
+@torch.no_grad()
+def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.device,
+             bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(latents, z or None, labels or None) of the given sample indices, on CPU in float32."""
+    model, guidance, sampler = sm.model, guidance_of(cfg), sampler_of(cfg, sm.objective)
+    if guidance.uses_rg and model.fusion == "none":
+        raise ReDiError("sample.rg_scale needs a ReDi model (train.model.fusion merged or separate)")
+    if guidance.uses_cfg and sm.num_classes == 0:
+        raise ReDiError("sample.cfg_scale needs a class-conditional model (train.conditional: true)")
+    noise = PerSampleNoise([cfg["seed"] + i for i in indices])
+    n, side = len(indices), model.grid_size * model.patch_size
+    y = noise.integers(sm.num_classes).to(device) if sm.num_classes else None
+    x = noise(torch.empty(n, model.in_channels, side, side, device=device))
+    z = None
+    if model.fusion != "none":
+        z = noise(torch.empty(n, model.rep_channels, model.grid_size, model.grid_size, device=device))
+    diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma) if sm.objective == "ddpm" else None
+
+    def predict(x, z, t):
+        level = 1.0 - t if diffusion is None else t.double() / (diffusion.num_steps - 1)
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            px, pz = guided_prediction(model, x, t, y, z, guidance, sm.num_classes, t_interval=level)
+        px = px.float() if sampler == "ddpm" else px[:, : x.shape[1]].float()  # DDPM reads the variance
+        return px, None if pz is None else pz.float()
+
+    if sampler == "sde":
+        x, z = sde_sample(predict, x, z, steps=cfg["steps"], noise=noise)
+    elif sampler.startswith("ode-"):
+        x, z = ode_sample(predict, x, z, steps=cfg["steps"], method=sampler[4:])
+    elif sampler == "ddpm":
+        x, z = ddpm_sample(diffusion, predict, x, z, steps=cfg["steps"], noise=noise)
+    else:
+        x, z = ddim_sample(diffusion, predict, x, z, steps=cfg["steps"], eta=cfg["ddim_eta"], noise=noise)
+    return x.cpu(), None if z is None else z.cpu(), None if y is None else y.cpu()
+
+
+@torch.no_grad()
+def decode(vae: LatentEncoder, latents: torch.Tensor, scaling_factor: float | None = None) -> np.ndarray:
+    """Scaled latents -> uint8 NHWC images, rounded as ADM/DiT do (clamp(127.5 x + 128))."""
+    device = next(vae.vae.parameters()).device
+    images = vae.vae.decode(latents.to(device) / (scaling_factor or vae.scaling_factor)).sample
+    pixels = torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1)
+    return pixels.to("cpu", torch.uint8).numpy()
+
+
+def render_representation(z: torch.Tensor, z_std: torch.Tensor | None, size: int) -> np.ndarray:
+    """The first 3 PCA channels as RGB (+-3 std -> 0..255), upsampled to size x size: uint8 NHWC."""
+    if z_std is None:  # unknown units: this batch's own spread
+        std = z.std(dim=(0, 2, 3), keepdim=True).clamp(min=1e-6)
+    else:
+        std = z_std.view(1, -1, 1, 1).to(z)
+    rgb = (z / std)[:, :3]
+    if rgb.shape[1] < 3:
+        rgb = torch.cat([rgb, rgb.new_zeros(rgb.shape[0], 3 - rgb.shape[1], *rgb.shape[2:])], dim=1)
+    rgb = ((rgb / 3.0).clamp(-1, 1) + 1) * 127.5
+    rgb = nn.functional.interpolate(rgb, size=(size, size), mode="nearest")
+    return rgb.round().permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- shards, npz and grids -----------------------------------------------------------------------
+
+def write_shard(path: Path, indices: list[int], images: np.ndarray, reps: np.ndarray | None,
+                labels: torch.Tensor | None) -> None:
+    """One tar of <index>.png (+ .rep.png, .cls), renamed into place when complete."""
+    with atomic_path(path) as tmp:
+        with wds.TarWriter(str(tmp)) as writer:
+            for k, index in enumerate(indices):
+                sample = {"__key__": f"{index:09d}", "png": _png(images[k])}
+                if reps is not None:
+                    sample["rep.png"] = _png(reps[k])
+                if labels is not None:
+                    sample["cls"] = int(labels[k])
+                writer.write(sample)
+
+
+def read_shard(path: Path) -> dict[str, np.ndarray]:
+    """A sample shard back as arrays: index, images, reps (if any), labels (if any), in index order."""
+    found: dict[int, dict] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            found.setdefault(int(key), {})[ext] = tar.extractfile(member).read()
+    keys = sorted(found)
+    out = {"index": np.array(keys, dtype=np.int64),
+           "images": np.stack([np.array(Image.open(io.BytesIO(found[k]["png"]))) for k in keys])}
+    if keys and "rep.png" in found[keys[0]]:
+        out["reps"] = np.stack([np.array(Image.open(io.BytesIO(found[k]["rep.png"]))) for k in keys])
+    if keys and "cls" in found[keys[0]]:
+        out["labels"] = np.array([int(found[k]["cls"]) for k in keys], dtype=np.int64)
+    return out
+
+
+def write_adm_npz(path: Path, shard_files: list[Path], num_samples: int) -> None:
+    """ADM's sample file: arr_0 (N, H, W, 3) uint8 [, arr_1 labels], streamed shard by shard."""
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            labels, written = [], 0
+            with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+                for k, shard in enumerate(shard_files):
+                    data = read_shard(shard)
+                    if k == 0:
+                        header = {"descr": "|u1", "fortran_order": False,
+                                  "shape": (num_samples, *data["images"].shape[1:])}
+                        np.lib.format.write_array_header_2_0(f, header)
+                    f.write(np.ascontiguousarray(data["images"]).tobytes())
+                    written += len(data["images"])
+                    labels.append(data.get("labels"))
+            if written != num_samples:
+                raise ReDiError(f"the shards hold {written} samples, expected {num_samples}")
+            if all(lab is not None for lab in labels):
+                with archive.open("arr_1.npy", "w") as f:
+                    np.lib.format.write_array(f, np.concatenate(labels))
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """Up to n images (N, H, W, 3) tiled in a near-square grid with 2-pixel gaps."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = images[k]
+    return grid
+
+
+def _save_png(path: Path, pixels: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, device: str = "auto",
+           quiet: bool = False) -> dict | None:
+    """Generate cfg['num_samples'] images into out_dir (resumable); returns the manifest on rank 0."""
+    start, out_dir = time.time(), Path(out_dir)
+    rank, world, device = setup_distributed(device)
+    bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    sm = (load_official(checkpoint, cfg["architecture"]) if cfg["architecture"] else load_trained(checkpoint))
+    sm.model.to(device)
+    sampler_of(cfg, sm.objective)  # refuse a bad sampler before any work
+    vae = load_encoder(vae_cfg["encoder"]["name"], vae_cfg["encoder"]["weights"], device, kind="vae")
+    shards_dir = out_dir / "shards"
+    what_makes_pixels = {k: v for k, v in cfg.items() if k not in ("batch_size", "grid_images")}
+    provenance = {"checkpoint_sha256": sha256_file(checkpoint), "vae": vae.weights_id,
+                  "config": config_hash(what_makes_pixels)}
+    if rank == 0:
+        _discard_stale_shards(shards_dir, provenance)
+    _barrier(world)
+
+    n, size = cfg["num_samples"], cfg["shard_size"]
+    paths = [shards_dir / SHARD_PATTERN.format(k) for k in range(math.ceil(n / size))]
+    todo = [k for k, p in enumerate(paths) if not p.exists()]
+    mine = todo[rank::world]
+    total = sum(min(size, n - k * size) for k in mine)
+    bar = tqdm(total=total, desc=f"sample (rank {rank})" if world > 1 else "sample", unit="img",
+               disable=quiet)
+    for k in mine:
+        indices = list(range(k * size, min(n, (k + 1) * size)))
+        images, reps, labels = [], [], []
+        for b in range(0, len(indices), cfg["batch_size"]):
+            batch = indices[b: b + cfg["batch_size"]]
+            latents, z, y = generate(sm, batch, cfg, device, bf16)
+            images.append(decode(vae, latents, sm.scaling_factor))
+            if z is not None:
+                reps.append(render_representation(z, sm.z_std, images[-1].shape[1]))
+            if y is not None:
+                labels.append(y)
+            bar.update(len(batch))
+        write_shard(paths[k], indices, np.concatenate(images), np.concatenate(reps) if reps else None,
+                    torch.cat(labels) if labels else None)
+    bar.close()
+    _barrier(world)
+    if rank != 0:
+        return None
+    write_adm_npz(out_dir / "samples.npz", paths, n)
+    first = _first_samples(paths, cfg["grid_images"])
+    _save_png(out_dir / "grid.png", image_grid(first["images"]))
+    if "reps" in first:
+        _save_png(out_dir / "representations.png", image_grid(first["reps"]))
+    return write_manifest(
+        out_dir / "manifest.json", "sample", {"sample": cfg, "latents": vae_cfg},
+        inputs={"checkpoint": checkpoint}, model=sm.description, sampler=sampler_of(cfg, sm.objective),
+        num_samples=n, shards=[p.name for p in paths], world_size=world, device=str(device), bf16=bf16,
+        vae=vae.weights_id, wall_time_s=round(time.time() - start, 2),
+    )
+
+
+def _first_samples(paths: list[Path], count: int) -> dict[str, np.ndarray]:
+    """Images (and representation maps) of the first `count` samples, read from as few shards as needed."""
+    parts: list[dict] = []
+    for path in paths:
+        parts.append(read_shard(path))
+        if sum(len(p["images"]) for p in parts) >= count:
+            break
+    keys = [key for key in ("images", "reps") if key in parts[0]]
+    return {key: np.concatenate([p[key] for p in parts])[:count] for key in keys}
+
+
+def _discard_stale_shards(shards_dir: Path, provenance: dict) -> None:
+    """Shards made from another checkpoint, VAE or config are removed, never mixed with new ones."""
+    record = shards_dir / "provenance.json"
+    old = None
+    if record.exists():
+        old = json.loads(record.read_text())
+    stale = sorted(shards_dir.glob("shard-*.tar")) if old != provenance else []
+    if stale:
+        print(f"sample: removing {len(stale)} shards made from another checkpoint/VAE/config in {shards_dir}")
+        for path in stale:
+            path.unlink()
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    write_json(record, provenance)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def run_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi sample`."""
+    try:
+        sample(cfg["sample"], cfg["latents"], args.checkpoint, args.out, args.device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
