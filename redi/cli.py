@@ -28,14 +28,14 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
     "train": {"train": None},
     "sample": {"sample": ["num_samples", "sampler", "steps", "ddim_eta", "cfg_scale", "cfg_channels",
                           "cfg_noise_low", "cfg_noise_high", "rg_scale", "seed", "batch_size", "precision",
-                          "shard_size", "grid_images", "architecture"],
+                          "shard_size", "architecture"],
                "latents": ["encoder"]},
 }
 # Keys that change how fast a stage runs, not what it writes: not part of the rerun hash.
 RESOURCE_KEYS = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
                  "features": {"workers", "batch_size"},
                  "train": {"ckpt_every", "keep_checkpoints", "log_every", "compile"},
-                 "sample": {"batch_size", "grid_images"}}
+                 "sample": {"batch_size"}}
 # What changing a key outside STAGE_KEYS does (for the key table of config/README.md).
 OTHER_KEYS = {
     "results": "none: a different results folder",

@@ -41,6 +41,7 @@ from .train import build_run, load_checkpoint, setup_distributed
 
 ARCHITECTURE = re.compile(r"^(DiT|SiT)-(S|B|L|XL)/(2|4|8)$")
 SHARD_PATTERN = "shard-{:06d}.tar"
+GRID_IMAGES = 64  # the first 64 samples (8 x 8) in grid.png and representations.png
 SAMPLERS = {"interpolant": ("sde", "ode-euler", "ode-heun"), "ddpm": ("ddpm", "ddim")}
 
 
@@ -274,7 +275,7 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
     sampler_of(cfg, sm.objective)  # refuse a bad sampler before any work
     vae = load_encoder(vae_cfg["encoder"]["name"], vae_cfg["encoder"]["weights"], device, kind="vae")
     shards_dir = out_dir / "shards"
-    what_makes_pixels = {k: v for k, v in cfg.items() if k not in ("batch_size", "grid_images")}
+    what_makes_pixels = {k: v for k, v in cfg.items() if k != "batch_size"}
     provenance = {"checkpoint_sha256": sha256_file(checkpoint), "vae": vae.weights_id,
                   "config": config_hash(what_makes_pixels)}
     if rank == 0:
@@ -307,7 +308,7 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
     if rank != 0:
         return None
     write_adm_npz(out_dir / "samples.npz", paths, n)
-    first = _first_samples(paths, cfg["grid_images"])
+    first = _first_samples(paths, GRID_IMAGES)
     _save_png(out_dir / "grid.png", image_grid(first["images"]))
     if "reps" in first:
         _save_png(out_dir / "representations.png", image_grid(first["reps"]))

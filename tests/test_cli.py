@@ -213,7 +213,7 @@ def test_stage_config_without_resources_has_no_resource_keys(stage):
         speed_only = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
                       "features": {"workers", "batch_size"},
                       "train": {"ckpt_every", "keep_checkpoints", "log_every", "compile"},
-                      "sample": {"batch_size", "grid_images"}}.get(section, set())
+                      "sample": {"batch_size"}}.get(section, set())
         assert dropped == (speed_only & set(with_resources[section])), section
         assert set(values) <= set(full[section])
     if stage == "train-standins":  # the training batch size changes the trained weights: kept

@@ -56,7 +56,7 @@ def save_run(path, seed=0, **overrides):
 
 
 def sample_config(**overrides):
-    values = {"num_samples": 10, "steps": 4, "shard_size": 4, "batch_size": 3, "grid_images": 6, "seed": 100}
+    values = {"num_samples": 10, "steps": 4, "shard_size": 4, "batch_size": 3, "seed": 100}
     values.update(overrides)
     return validate_config({"dataset": {"name": "t"}, "sample": values})["sample"]
 
@@ -91,8 +91,8 @@ def test_sample_writes_shards_npz_grids_and_manifest(tmp_path, run, vae_dir):
     np.testing.assert_array_equal(first["images"], images[:4])
     assert first["reps"].shape == (4, 16, 16, 3)  # the representation map, next to each image
     grid = np.array(Image.open(tmp_path / "grid.png"))
-    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 3)  # grid_images 6 (from 2 shards): 2 rows of 3
-    np.testing.assert_array_equal(grid[20:36, 2:18], images[3])  # row 1, column 0
+    assert grid.shape == (3 * 18 + 2, 4 * 18 + 2, 3)  # all 10 (from 3 shards): 3 rows of 4
+    np.testing.assert_array_equal(grid[20:36, 2:18], images[4])  # row 1, column 0
     assert (tmp_path / "representations.png").exists()
     assert manifest["sampler"] == "sde" and manifest["num_samples"] == 10
     assert not list(tmp_path.rglob("*.tmp-*"))
