@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -69,6 +70,18 @@ def test_ci_workflow_writes_training_inputs(workflow_run):
     assert final["step"] == 20 and "ema" in final
 
 
+def test_ci_workflow_samples_from_the_trained_run(workflow_run):
+    config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+    (samples,) = (workflow_run / "results" / "ci-demo").glob("samples/*")
+    with np.load(samples / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (config["sample"]["num_samples"], 32, 32, 3)
+        assert npz["arr_0"].dtype == np.uint8 and set(npz["arr_1"].tolist()) <= set(range(10))
+    assert (samples / "grid.png").exists() and (samples / "representations.png").exists()
+    assert len(list((samples / "shards").glob("shard-*.tar"))) == 2  # 16 samples, shard_size 8
+    manifest = json.loads((samples / "manifest.json").read_text())
+    assert manifest["sampler"] == "sde" and "train" in manifest["inputs"]["checkpoint"]["path"]
+
+
 def test_second_run_has_nothing_to_do(workflow_run):
     out = snakemake(workflow_run, REPO / "config" / "ci.yaml", "-n")
     assert "Nothing to be done" in out
@@ -80,7 +93,7 @@ def test_rank_change_reruns_only_the_projection_and_training(workflow_run, tmp_p
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
-    assert jobs == {"project_features": 1, "train": 1, "all": 1}
+    assert jobs == {"project_features": 1, "train": 1, "sample": 1, "all": 1}
 
 
 def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):
@@ -89,6 +102,7 @@ def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):
     config["features"]["workers"] = 1
     config["train"]["log_every"] = 3
     config["train"]["ckpt_every"] = 7
+    config["sample"]["batch_size"] = 5
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     assert "Nothing to be done" in snakemake(workflow_run, changed, "-n")
@@ -101,7 +115,8 @@ def test_vae_change_reruns_standins_and_everything_after(workflow_run, tmp_path)
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
     assert "shard" not in jobs and "demo_data" not in jobs
-    after = {"train_standins", "encode_latents", "extract_features", "fit_pca", "project_features", "train"}
+    after = {"train_standins", "encode_latents", "extract_features", "fit_pca", "project_features", "train",
+             "sample"}
     assert after <= set(jobs)
 
 
@@ -137,3 +152,14 @@ def test_given_standin_weights_are_used_not_retrained(tmp_path):
     out = snakemake(tmp_path, user, "-n", "-p")
     assert "--encoder-weights /models/my-vae" in out and "--encoder-weights /models/my-vit" in out
     assert "train_standins" not in out
+
+
+def test_an_official_checkpoint_is_sampled_without_training(tmp_path):
+    checkpoint = tmp_path / "DiT-XL-2-256x256.pt"
+    checkpoint.write_bytes(b"")  # a dry run only needs the file to exist
+    user = tmp_path / "user.yaml"
+    user.write_text(yaml.safe_dump({"dataset": {"name": "imagenet", "root": str(tmp_path)},
+                                    "sample": {"checkpoint": str(checkpoint), "architecture": "DiT-XL/2"}}))
+    out = snakemake(tmp_path, user, "-n", "-p")
+    assert planned_jobs(out) == {"sample": 1, "all": 1}
+    assert f"sample --checkpoint {checkpoint}" in out and "--architecture DiT-XL/2" in out

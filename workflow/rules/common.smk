@@ -43,6 +43,7 @@ FOLDER = {
     "fit-pca": "pca",
     "project-features": "pca_features",
     "train": "train",
+    "sample": "samples",
 }
 
 # The redi modules each stage runs (its CLI runner lives in the first): editing one reruns that
@@ -82,6 +83,15 @@ CODE = {
         "redi/models",
         "redi/diffusion",
     ],
+    "sample": [
+        "redi/sample.py",
+        "redi/samplers.py",
+        "redi/guidance.py",
+        "redi/models",
+        "redi/diffusion",
+        "redi/encoders/__init__.py",
+        "redi/encoders/vae.py",
+    ],
 }
 
 
@@ -104,6 +114,8 @@ def upstream(stage):
         "project-features": ["shard", "fit-pca"]
         + (standins if uses_standin("features") else []),
         "train": ["encode-latents", "project-features"],
+        "sample": ([] if config["sample"]["checkpoint"] else ["train"])
+        + (standins if uses_standin("latents") else []),
     }[stage]
 
 
@@ -116,6 +128,8 @@ def version(stage):
     own = stage_config(config, stage, resources=False)
     if stage == "shard":
         own["root"] = config["dataset"]["root"]
+    if stage == "sample":
+        own["checkpoint"] = config["sample"]["checkpoint"]
     return config_hash(
         {"config": own, "inputs": [version(s) for s in upstream(stage)]}
     )[:8]
@@ -216,3 +230,8 @@ def encoder_flags(stage, section):
 
 def standin_input(section):
     return [manifest("train-standins")] if uses_standin(section) else []
+
+
+def sample_checkpoint():
+    """The weights `sample` reads: sample.checkpoint (official DiT/SiT) or the train run's final.pt."""
+    return config["sample"]["checkpoint"] or f"{stage_dir('train')}/final.pt"
