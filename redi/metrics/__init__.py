@@ -1,0 +1,1 @@
+"""ADM-protocol evaluation: Inception features, FID, sFID, IS, precision/recall."""
