@@ -7,10 +7,11 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
+include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/targets.smk"
 
 
 # The default target stays here: Snakemake ignores default targets set inside included files.
 rule all:
     input:
-        rules.sample.output.samples,
+        rules.evaluate.output.metrics,

