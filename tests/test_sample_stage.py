@@ -191,6 +191,9 @@ def test_sampler_must_fit_the_objective_and_guidance_the_model(run, tmp_path):
     unconditional = load_trained(save_run(tmp_path / "u.pt", conditional=False))
     with pytest.raises(ReDiError, match="class-conditional"):
         generate(unconditional, [0], sample_config(cfg_scale=2.0), torch.device("cpu"))
+    no_null = load_trained(save_run(tmp_path / "n.pt", class_dropout=0.0))
+    with pytest.raises(ReDiError, match="without label dropout"):
+        generate(no_null, [0], sample_config(cfg_scale=2.0), torch.device("cpu"))
     x, z, y = generate(unconditional, [0], sample_config(rg_scale=2.0), torch.device("cpu"))
     assert y is None and z.shape == (1, 3, 4, 4)  # unconditional models use RG alone
     baseline = load_trained(save_run(tmp_path / "b.pt", model={"size": "S", "patch": 2, "depth": 1,
