@@ -25,6 +25,7 @@ class Guidance:
     rg_scale: float = 1.0
     cfg_all_channels: bool = False  # False: CFG on the image only
     interval: tuple[float, float] | None = None  # CFG only while t_lo <= t <= t_hi
+    cfg_image_channels: int | None = None  # CFG on the first k image channels only (official DiT/SiT: 3)
 
     @property
     def uses_cfg(self) -> bool:
@@ -33,6 +34,10 @@ class Guidance:
     @property
     def uses_rg(self) -> bool:
         return self.rg_scale != 1.0
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def guided_prediction(
@@ -62,8 +67,9 @@ def guided_prediction(
     pred = model(torch.cat(xs), torch.cat(ts), None if y is None else torch.cat(ys),
                  None if z is None else torch.cat(zs))
     c = x.shape[1]  # guidance acts on the prediction channels; learned-variance channels stay p_c's
-    out_x = [p[:, :c] for p in pred.x.split(n)]
-    out_z = pred.z.split(n) if pred.z is not None else None
+    all_x = _at_least_fp32(pred.x)  # guidance arithmetic in fp32, also under bf16 autocast
+    out_x = [p[:, :c] for p in all_x.split(n)]
+    out_z = _at_least_fp32(pred.z).split(n) if pred.z is not None else None
     px, pz, branch = out_x[0], (out_z[0] if out_z is not None else None), 1
     if guidance.uses_cfg:
         weight = torch.full((n,), guidance.cfg_scale - 1.0, device=x.device, dtype=px.dtype)
@@ -72,10 +78,11 @@ def guided_prediction(
             time = t if t_interval is None else t_interval
             weight = torch.where((time >= lo) & (time <= hi), weight, torch.zeros_like(weight))
         weight = weight.view(-1, *[1] * (px.dim() - 1))
-        px = px + weight * (out_x[0] - out_x[branch])
+        k = guidance.cfg_image_channels or c
+        px = torch.cat([px[:, :k] + weight * (out_x[0] - out_x[branch])[:, :k], px[:, k:]], dim=1)
         if guidance.cfg_all_channels and pz is not None:
             pz = pz + weight * (out_z[0] - out_z[branch])
         branch += 1
     if guidance.uses_rg:
         px = px + (guidance.rg_scale - 1.0) * (out_x[0] - out_x[branch])
-    return torch.cat([px, pred.x[:n, c:]], dim=1), pz
+    return torch.cat([px, all_x[:n, c:]], dim=1), pz

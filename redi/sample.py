@@ -1,7 +1,8 @@
 """`redi sample`: N images from a trained run's EMA weights (or an official DiT/SiT checkpoint).
 
-Sample i is drawn from seed + i alone (its label, initial noise and every step's noise), so the
-images do not depend on the number of processes or on which batch a sample shares. Work is cut
+Sample i is drawn from a generator seeded by (seed, i) alone (its label, initial noise and every
+step's noise), so the images do not depend on the number of processes or on which batch a sample
+shares, and two base seeds share no sample. Work is cut
 into fixed shards of indices; each finished shard is one tar of PNGs (image, representation map,
 label) renamed into place, so a rerun after a kill generates only the unfinished shards. Rank 0
 then writes the ADM-style samples.npz (arr_0 uint8 NHWC, arr_1 labels), the sample grid and the
@@ -20,6 +21,7 @@ import time
 import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,15 @@ from .diffusion import GaussianDiffusion
 from .encoders import LatentEncoder, load_encoder
 from .errors import ReDiError
 from .guidance import Guidance, guided_prediction
-from .io import atomic_path, config_hash, require_file, sha256_file, write_json, write_manifest
+from .io import (
+    atomic_path,
+    code_fingerprint,
+    config_hash,
+    require_file,
+    sha256_file,
+    write_json,
+    write_manifest,
+)
 from .models import DiT, build_model
 from .samplers import PerSampleNoise, ddim_sample, ddpm_sample, ode_sample, sde_sample
 from .train import build_run, load_checkpoint, setup_distributed
@@ -55,6 +65,7 @@ class SamplingModel:
     scaling_factor: float | None  # latent scale used in training (None: the VAE's own)
     z_std: torch.Tensor | None  # per-channel std of the generated z (to render it); None: unknown
     description: str
+    rep_dropout: tuple[float, str] | None = None  # (p_drop, mode) of training; None: unknown
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -71,7 +82,8 @@ def load_trained(path: str | Path) -> SamplingModel:
     model.load_state_dict(ema)
     z_std = state.get("z_std") if cfg["model"]["fusion"] != "none" else None
     return SamplingModel(model.eval(), cfg["objective"], state["num_classes"] if cfg["conditional"] else 0,
-                         state["scaling_factor"], z_std, f"redi train run, step {state['step']}")
+                         state["scaling_factor"], z_std, f"redi train run, step {state['step']}",
+                         (cfg["rep_dropout"], cfg["rep_dropout_mode"]))
 
 
 def load_official(path: str | Path, architecture: str) -> SamplingModel:
@@ -111,7 +123,13 @@ def _input_size(state: dict, patch: int) -> int:
 def guidance_of(cfg: dict) -> Guidance:
     interval = (cfg["cfg_noise_low"], cfg["cfg_noise_high"])
     return Guidance(cfg["cfg_scale"], cfg["rg_scale"], cfg["cfg_channels"] == "all",
-                    None if interval == (0.0, 1.0) else interval)
+                    None if interval == (0.0, 1.0) else interval,
+                    3 if cfg["cfg_channels"] == "first3" else None)
+
+
+def sample_seed(base: int, index: int) -> int:
+    """The generator seed of sample `index`: a hash of (base, index), so seeds never overlap."""
+    return int(np.random.SeedSequence([base, index]).generate_state(1, np.uint64)[0])
 
 
 def sampler_of(cfg: dict, objective: str) -> str:
@@ -130,12 +148,18 @@ def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.dev
     model, guidance, sampler = sm.model, guidance_of(cfg), sampler_of(cfg, sm.objective)
     if guidance.uses_rg and model.fusion == "none":
         raise ReDiError("sample.rg_scale needs a ReDi model (train.model.fusion merged or separate)")
+    if guidance.uses_rg and sm.rep_dropout is not None and sm.rep_dropout[0] == 0:
+        raise ReDiError("sample.rg_scale needs the z-dropped branch trained: this model had "
+                        "train.rep_dropout 0 (train with e.g. 0.2, mode sample)")
+    if guidance.uses_rg and sm.rep_dropout is not None and sm.rep_dropout[1] != "sample":
+        raise ReDiError("sample.rg_scale feeds z_t = 0, which only train.rep_dropout_mode 'sample' trains; "
+                        "this model used 'batch_clean'")
     if guidance.uses_cfg and sm.num_classes == 0:
         raise ReDiError("sample.cfg_scale needs a class-conditional model (train.conditional: true)")
     if guidance.uses_cfg and model.y_embedder.embedding_table.num_embeddings == sm.num_classes:
         raise ReDiError("sample.cfg_scale needs a null label: this model was trained without label dropout "
                         "(train.class_dropout: 0)")
-    noise = PerSampleNoise([cfg["seed"] + i for i in indices])
+    noise = PerSampleNoise([sample_seed(cfg["seed"], i) for i in indices])
     n, side = len(indices), model.grid_size * model.patch_size
     y = noise.integers(sm.num_classes).to(device) if sm.num_classes else None
     x = noise(torch.empty(n, model.in_channels, side, side, device=device))
@@ -269,8 +293,8 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
            quiet: bool = False) -> dict | None:
     """Generate cfg['num_samples'] images into out_dir (resumable); returns the manifest on rank 0."""
     start, out_dir = time.time(), Path(out_dir)
-    rank, world, device = setup_distributed(device)
-    bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
+    rank, world, device = setup_distributed(device, timeout=timedelta(hours=24))  # ranks wait for shards
+    bf16 = device.type == "cuda" and cfg["precision"] in ("bf16", "auto")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     sm = (load_official(checkpoint, cfg["architecture"]) if cfg["architecture"] else load_trained(checkpoint))
@@ -280,15 +304,17 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
     shards_dir = out_dir / "shards"
     what_makes_pixels = {k: v for k, v in cfg.items() if k != "batch_size"}
     provenance = {"checkpoint_sha256": sha256_file(checkpoint), "vae": vae.weights_id,
-                  "config": config_hash(what_makes_pixels)}
+                  "config": config_hash(what_makes_pixels), "bf16": bf16, "code": code_fingerprint()}
     if rank == 0:
         _discard_stale_shards(shards_dir, provenance)
     _barrier(world)
 
     n, size = cfg["num_samples"], cfg["shard_size"]
     paths = [shards_dir / SHARD_PATTERN.format(k) for k in range(math.ceil(n / size))]
-    todo = [k for k, p in enumerate(paths) if not p.exists()]
-    mine = todo[rank::world]
+    todo = [[k for k, p in enumerate(paths) if not p.exists()]]
+    if world > 1:  # rank 0's view, so that a shard finished meanwhile cannot shift the split
+        dist.broadcast_object_list(todo, src=0)
+    mine = todo[0][rank::world]
     total = sum(min(size, n - k * size) for k in mine)
     bar = tqdm(total=total, desc=f"sample (rank {rank})" if world > 1 else "sample", unit="img",
                disable=quiet)

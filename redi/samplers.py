@@ -88,8 +88,8 @@ def sde_sample(
 
     The score of the linear interpolant follows from the velocity, s = (t v - x) / (1 - t), so
     w s = t v - x stays finite; the Langevin part (w s dt + sqrt(2 w) dW) keeps the marginals of
-    the probability-flow ODE. Integrates t from 0 to 1 - last_step, then one deterministic
-    (mean) Euler step to t = 1.
+    the probability-flow ODE. Integrates t from 0 to 1 - last_step, then SiT's default "Mean"
+    last step: the SDE drift (v + w s) without noise, over last_step, to t = 1.
     """
     times = torch.linspace(0.0, 1.0 - last_step, steps, dtype=torch.float64)
     state = (x, z)
@@ -105,8 +105,8 @@ def sde_sample(
         scale = (2.0 * (1.0 - scalar) * dt) ** 0.5
         state = tuple(None if m is None else m + scale * noise(m) for m in mean)
     t_end = float(times[-1])
-    v = predict(*state, torch.full((x.shape[0],), t_end, device=x.device))
-    return _step(state, v, 1.0 - t_end)
+    last = drift(state, torch.full((x.shape[0],), t_end, device=x.device), t_end)
+    return _step(state, last, 1.0 - t_end)
 
 
 @torch.no_grad()

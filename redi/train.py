@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -37,8 +38,11 @@ CHECKPOINTS = "checkpoints"
 
 # --- processes ---------------------------------------------------------------------------------
 
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun (gloo on CPU, nccl on GPU)."""
+def setup_distributed(device: str, timeout: timedelta | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun (gloo on CPU, nccl on GPU).
+
+    `timeout` bounds collective waits (torch's default: 10 minutes for NCCL).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, resolve_device(device)
@@ -47,7 +51,7 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     if target.type == "cuda":
         target = torch.device("cuda", local_rank)
         torch.cuda.set_device(target)
-    dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timeout)
     return dist.get_rank(), world, target
 
 

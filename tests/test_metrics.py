@@ -57,11 +57,13 @@ def test_inception_score_of_confident_uniform_predictions_is_the_class_count():
     labels = np.arange(1000) % 10
     logits = np.full((1000, 10), -1e4)
     logits[np.arange(1000), labels] = 1e4
-    mean, std = inception_score(logits, splits=10)
+    mean, std = inception_score(logits, split_size=100)  # 10 splits of 100, each with all 10 classes
     assert mean == pytest.approx(10.0, rel=1e-6) and std < 1e-6
+    assert inception_score(logits[:20], split_size=10)[0] == pytest.approx(10.0, rel=1e-6)
+    assert inception_score(logits[:20], split_size=5)[0] == pytest.approx(5.0, rel=1e-6)  # 5 classes each
     assert inception_score(np.zeros((100, 10)))[0] == pytest.approx(1.0)  # uninformative: IS 1
-    with pytest.raises(ReDiError, match="at least 10"):
-        inception_score(np.zeros((5, 3)))
+    with pytest.raises(ReDiError, match="at least 2"):
+        inception_score(np.zeros((1, 3)))
 
 
 def test_knn_radii_exclude_the_point_itself():
@@ -171,6 +173,12 @@ def test_npz_images_stream_the_adm_layout_in_batches(tmp_path):
         next(npz_images(tmp_path / "none.npz", 3))
 
 
+def test_a_manifest_of_another_stage_is_refused_by_name(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"stage": "sample", "shards": ["shard-000000.tar"]}))
+    with pytest.raises(ReDiError, match="manifest of 'sample', not of the shard stage"):
+        image_source(tmp_path / "manifest.json", batch_size=4)
+
+
 def test_folder_source_names_an_odd_sized_image(tmp_path):
     for k, size in enumerate([(8, 8), (8, 8), (9, 8)]):
         Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(tmp_path / f"{k}.png")
@@ -202,6 +210,11 @@ def test_evaluate_reads_references_with_and_without_statistics(tmp_path, convert
     assert abs(adm["fid"]) < 1e-3 and abs(adm["sfid"]) < 1e-3  # the given statistics were used
     assert adm["precision"] == pytest.approx(plain["precision"])  # P/R from arr_0's activations
     assert stats["images"] == 12 and own["acts"].shape == (12, 2048)
+    np.savez(tmp_path / "stats_only.npz", **{k: own[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
+    bare = evaluate(tmp_path / "stats_only.npz", tmp_path / "samples.npz", str(converted), batch_size=8,
+                    device="cpu")
+    assert abs(bare["fid"]) < 1e-3 and bare["precision"] is None
+    assert "no images" in bare["precision_recall_note"]
 
 
 def test_reference_stats_keep_adm_statistics_and_add_activations(tmp_path, converted):

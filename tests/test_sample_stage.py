@@ -25,6 +25,7 @@ from redi.sample import (
     read_shard,
     render_representation,
     sample,
+    sample_seed,
     sampler_of,
     write_adm_npz,
     write_shard,
@@ -122,7 +123,7 @@ def test_shards_from_another_checkpoint_are_not_reused(tmp_path, run, vae_dir):
     assert not np.array_equal(np.load(tmp_path / "samples.npz")["arr_0"], first)
 
 
-def test_sample_i_depends_on_seed_plus_i_only(run):
+def test_sample_i_depends_on_seed_and_i_only(run):
     torch.set_num_threads(1)
     sm = load_trained(run)
     cfg = sample_config()
@@ -130,13 +131,16 @@ def test_sample_i_depends_on_seed_plus_i_only(run):
     alone = generate(sm, [4], cfg, torch.device("cpu"))
     torch.testing.assert_close(alone[0][0], together[0][1], rtol=1e-5, atol=1e-5)
     assert alone[2][0] == together[2][1]
-    shifted = generate(sm, [3], sample_config(seed=101), torch.device("cpu"))
-    torch.testing.assert_close(shifted[0][0], together[0][1], rtol=1e-5, atol=1e-5)  # seed + i
+    # another base seed shares no sample, not even shifted by one index (seed + i would)
+    other = generate(sm, [2, 3, 4, 5, 6], sample_config(seed=101), torch.device("cpu"))[0]
+    assert all((other[j] - together[0][k]).abs().max() > 1e-3 for j in range(5) for k in range(3))
+    assert len({sample_seed(s, i) for s in range(50) for i in range(50)}) == 2500
 
 
 @pytest.mark.parametrize("sampler", ["ode-euler", "ode-heun"])
 def test_ode_samplers_run_through_the_stage_code(run, sampler):
     sm = load_trained(run)
+    sm.rep_dropout = (0.2, "sample")
     x, z, y = generate(sm, [0, 1], sample_config(sampler=sampler, cfg_scale=2.0, rg_scale=1.5),
                        torch.device("cpu"))
     assert x.shape == (2, 4, 8, 8) and z.shape == (2, 3, 4, 4) and torch.isfinite(x).all()
@@ -188,10 +192,14 @@ def test_sampler_must_fit_the_objective_and_guidance_the_model(run, tmp_path):
     assert sampler_of(sample_config(), "ddpm") == "ddpm"
     with pytest.raises(ReDiError, match="does not fit a interpolant model"):
         sampler_of(sample_config(sampler="ddim"), "interpolant")
-    unconditional = load_trained(save_run(tmp_path / "u.pt", conditional=False))
+    unconditional = load_trained(save_run(tmp_path / "u.pt", conditional=False, rep_dropout=0.2))
     with pytest.raises(ReDiError, match="class-conditional"):
         generate(unconditional, [0], sample_config(cfg_scale=2.0), torch.device("cpu"))
     no_null = load_trained(save_run(tmp_path / "n.pt", class_dropout=0.0))
+    for name, dropout in (("d0.pt", {}), ("bc.pt", {"rep_dropout": 0.2, "rep_dropout_mode": "batch_clean"})):
+        untrained_branch = load_trained(save_run(tmp_path / name, **dropout))
+        with pytest.raises(ReDiError, match="rep_dropout"):
+            generate(untrained_branch, [0], sample_config(rg_scale=2.0), torch.device("cpu"))
     with pytest.raises(ReDiError, match="without label dropout"):
         generate(no_null, [0], sample_config(cfg_scale=2.0), torch.device("cpu"))
     x, z, y = generate(unconditional, [0], sample_config(rg_scale=2.0), torch.device("cpu"))

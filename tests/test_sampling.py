@@ -71,6 +71,17 @@ def test_guidance_interval_switches_cfg_per_sample(model):
     torch.testing.assert_close(px[[1, 2], :4], full[[1, 2], :4], rtol=1e-9, atol=1e-9)
 
 
+def test_cfg_on_the_first_image_channels_leaves_the_others_conditional(model):
+    x, z, t, y = inputs()
+    plain = model(x, t, y, z)
+    full, _ = guided_prediction(model, x, t, y, z, Guidance(cfg_scale=3.0), null_label=5)
+    first3, _ = guided_prediction(model, x, t, y, z, Guidance(cfg_scale=3.0, cfg_image_channels=3),
+                                  null_label=5)
+    torch.testing.assert_close(first3[:, :3], full[:, :3], rtol=0, atol=0)
+    torch.testing.assert_close(first3[:, 3:], plain.x[:, 3:], rtol=0, atol=0)  # channel 4 + variance
+    assert not torch.allclose(full[:, 3], plain.x[:, 3])
+
+
 def test_guidance_without_what_it_needs_is_a_clear_error(model):
     x, z, t, y = inputs()
     with pytest.raises(ValueError, match="null label"):
@@ -154,7 +165,7 @@ def test_ddim_with_eta_draws_noise():
 
 
 def test_respacing_matches_adm_stride_and_keeps_both_ends():
-    for steps in (1, 25, 50, 250, 1000):
+    for steps in (1, 21, 25, 50, 250, 278, 1000):  # 21: a .5 tie ADM's accumulation rounds down
         kept = respaced_timesteps(1000, steps)
         # ADM's space_timesteps("N"): accumulate the fractional stride, round each position
         stride, position, reference = (1000 - 1) / max(steps - 1, 1), 0.0, []

@@ -22,13 +22,16 @@ def linear_betas(num_steps: int = 1000, start: float = 1e-4, end: float = 0.02) 
 
 
 def respaced_timesteps(num_steps: int, steps: int) -> np.ndarray:
-    """`steps` evenly strided timesteps of 0..num_steps-1, both ends kept (ADM's space_timesteps)."""
+    """`steps` evenly strided timesteps of 0..num_steps-1, both ends kept (ADM's space_timesteps:
+    the fractional stride is accumulated and each position rounded, ties included)."""
     if not 1 <= steps <= num_steps:
         raise ValueError(f"steps must be in 1..{num_steps}, got {steps}")
-    if steps == 1:
-        return np.array([0])
-    stride = (num_steps - 1) / (steps - 1)
-    return np.array(sorted({round(i * stride) for i in range(steps)}))
+    stride = (num_steps - 1) / max(steps - 1, 1)
+    kept, position = [], 0.0
+    for _ in range(steps):
+        kept.append(round(position))
+        position += stride
+    return np.array(sorted(set(kept)))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

