@@ -14,4 +14,4 @@ include: "workflow/rules/targets.smk"
 # The default target stays here: Snakemake ignores default targets set inside included files.
 rule all:
     input:
-        rules.evaluate.output.metrics,
+        rules.report.output.table,

@@ -33,6 +33,7 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
     "convert-inception": {},
     "reference-stats": {"evaluate": ["inception_weights", "reference_images", "batch_size"]},
     "evaluate": {"evaluate": ["inception_weights", "pr_reference_images", "batch_size"]},
+    "report": {},
 }
 # Keys that change how fast a stage runs, not what it writes: not part of the rerun hash.
 RESOURCE_KEYS = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
@@ -48,6 +49,7 @@ OTHER_KEYS = {
     "dataset.root": "shard (and all after it)",
     "sample.checkpoint": "sample (and all after it); the workflow passes it as `redi sample --checkpoint`",
     "evaluate.reference": "reference-stats (and evaluate); the workflow passes it as --source",
+    "runs": "the runs it adds or changes (train, sample, evaluate) and the report",
 }
 NEURAL_STAGES = {"encode-latents", "extract-features", "project-features", "train", "sample",
                  "reference-stats", "evaluate"}
@@ -124,6 +126,10 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
                   ("--samples", "samples.npz (arr_0 uint8 N x H x W x 3)"),
                   ("--out", "output metrics .json")],
                  "redi.metrics.evaluate:run_evaluate_stage"),
+    "report": ("Tables (Markdown, LaTeX, CSV), sample grids and training curves of the run grid.",
+               [("--runs", "JSON list (or a file of one) of {name, label, tables, metrics: metrics JSON}"),
+                ("--out", "output folder: tables.md, tables.tex, runs.csv, grids.png, training.png")],
+               "redi.report:run_stage"),
 }
 
 

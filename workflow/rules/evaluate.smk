@@ -38,22 +38,60 @@ rule reference_stats:
 
 rule evaluate:
     input:
-        reference=rules.reference_stats.output.reference,
-        samples=rules.sample.output.samples,
-        inception=inception_input(),
+        unpack(
+            checked(
+                "evaluate",
+                lambda w: {
+                    "reference": rules.reference_stats.output.reference,
+                    "samples": f"{stage_dir('sample', w.run)}/samples.npz",
+                    "inception": inception_input(),
+                },
+            )
+        ),
     output:
-        metrics=metrics_file(),
+        metrics=f"{RESULTS}/{DATASET}/samples/{{run}}/{{sversion}}/metrics-{{version}}.json",
     log:
         log_file("evaluate"),
     benchmark:
         benchmark_file("evaluate")
     threads: workflow.cores
     resources:
-        speed=speed_flags("evaluate"),
+        speed=lambda w: speed_flags("evaluate", w.run),
         device=config["device"],
     params:
-        flags=inception_flags("evaluate"),
+        flags=lambda w: inception_flags("evaluate", w.run),
         code=code_version("evaluate"),
     shell:
         "redi evaluate --reference {input.reference} --samples {input.samples} --out {output.metrics}"
         " {params.flags} {resources.speed} --device {resources.device} > {log} 2>&1"
+
+
+rule report:
+    input:
+        metrics=all_metrics(),
+    output:
+        table=report(
+            f"{stage_dir('report')}/tables.md",
+            caption="../report/tables.rst",
+            category="Results",
+        ),
+        csv=f"{stage_dir('report')}/runs.csv",
+        latex=f"{stage_dir('report')}/tables.tex",
+        grids=report(
+            f"{stage_dir('report')}/grids.png",
+            caption="../report/grids.rst",
+            category="Samples",
+        ),
+        curves=report(
+            f"{stage_dir('report')}/training.png",
+            caption="../report/training.rst",
+            category="Training",
+        ),
+    log:
+        log_file("report"),
+    params:
+        out=output_dir,
+        runs=report_runs(),
+        code=code_version("report"),
+    shell:
+        "redi report --runs {params.runs} --out {params.out} > {log} 2>&1"

@@ -1,26 +1,33 @@
-# Sampling: sample.num_samples images from the run's EMA weights (or an official checkpoint).
+# Sampling: sample.num_samples images per run, from its EMA weights (or an official checkpoint).
 
 
 rule sample:
     input:
-        checkpoint=sample_checkpoint(),
-        standins=standin_input("latents"),
+        unpack(
+            checked(
+                "sample",
+                lambda w: {
+                    "checkpoint": sample_checkpoint(w.run),
+                    "standins": standin_input("latents"),
+                },
+            )
+        ),
     output:
-        samples=f"{stage_dir('sample')}/samples.npz",
-        grid=f"{stage_dir('sample')}/grid.png",
-        manifest=manifest("sample"),
+        samples=f"{run_pattern('sample')}/samples.npz",
+        grid=f"{run_pattern('sample')}/grid.png",
+        manifest=f"{run_pattern('sample')}/manifest.json",
     log:
         log_file("sample"),
     benchmark:
         benchmark_file("sample")
     threads: workflow.cores
     resources:
-        speed=speed_flags("sample"),
+        speed=lambda w: speed_flags("sample", w.run),
         device=config["device"],
         nproc=config["launch"]["nproc_per_node"],
     params:
         out=output_dir,
-        flags=encoder_flags("sample", "latents"),
+        flags=lambda w: encoder_flags("sample", "latents", w.run),
         code=code_version("sample"),
         launcher=launcher,
     shell:

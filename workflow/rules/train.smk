@@ -1,25 +1,32 @@
-# Training: one DiT/SiT (+ ReDi) run on the latents and PCA feature maps.
+# Training: one DiT/SiT (+ ReDi) run per entry of `runs:`, on the shared latents and PCA maps.
 
 
 rule train:
     input:
-        latents=rules.encode_latents.output.latents,
-        features=rules.project_features.output.features,
+        unpack(
+            checked(
+                "train",
+                lambda w: {
+                    "latents": rules.encode_latents.output.latents,
+                    "features": rules.project_features.output.features,
+                },
+            )
+        ),
     output:
-        final=protected(f"{stage_dir('train')}/final.pt"),
-        manifest=manifest("train"),
+        final=protected(f"{run_pattern('train')}/final.pt"),
+        manifest=f"{run_pattern('train')}/manifest.json",
     log:
         log_file("train"),
     benchmark:
         benchmark_file("train")
     threads: workflow.cores
     resources:
-        speed=speed_flags("train"),
+        speed=lambda w: speed_flags("train", w.run),
         device=config["device"],
         nproc=config["launch"]["nproc_per_node"],
     params:
         out=output_dir,
-        flags=cli_flags("train"),
+        flags=lambda w: cli_flags("train", w.run),
         code=code_version("train"),
         launcher=launcher,
     shell:

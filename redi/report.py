@@ -1,0 +1,197 @@
+"""`redi report`: the run grid's results as paper-style tables (CSV, Markdown, LaTeX), the sample
+grids side by side and the training curves.
+
+Each run is {name, label, table, metrics}: its metrics JSON sits in its sample folder, whose
+manifest names the checkpoint, whose folder's manifest holds the training config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .errors import ReDiError  # noqa: E402
+from .io import atomic_path, read_manifest, write_manifest  # noqa: E402
+
+METRIC_COLUMNS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Prec.",
+                  "recall": "Rec."}
+
+
+def load_runs(runs: str) -> list[dict]:
+    """The runs argument: a JSON list, or the path of a file holding one."""
+    text = Path(runs).read_text() if not runs.lstrip().startswith("[") else runs
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ReDiError(f"--runs is not a JSON list of runs: {err}") from err
+    for row in rows:
+        missing = {"name", "metrics"} - set(row)
+        if missing:
+            raise ReDiError(f"run entry {row} lacks {', '.join(sorted(missing))}")
+    return rows
+
+
+def run_record(run: dict) -> dict:
+    """One table row: the run's settings (from its manifests) and its metrics."""
+    metrics_path = Path(run["metrics"])
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    if metrics is None:
+        raise ReDiError(f"metrics of run '{run['name']}' not found: {metrics_path} (run `redi evaluate`)")
+    sample_manifest = read_manifest(metrics_path.parent / "manifest.json")
+    sample_cfg = sample_manifest["config"]["sample"]
+    checkpoint = Path(sample_manifest["inputs"]["checkpoint"]["path"])
+    train_manifest = checkpoint.parent / "manifest.json"
+    train = read_manifest(train_manifest)["config"]["train"] if train_manifest.is_file() else None
+    tables = run.get("tables", run.get("table", "runs"))
+    record = {"run": run.get("label", run["name"]), "name": run["name"],
+              "tables": [tables] if isinstance(tables, str) else list(tables)}
+    if train is not None:
+        m = train["model"]
+        family = "SiT" if train["objective"] == "interpolant" else "DiT"
+        custom = m["depth"] is not None or m["hidden_size"] is not None
+        shape = f" (d{m['depth']}, w{m['hidden_size']})" if custom else ""
+        record.update({
+            "model": f"{family}-{m['size']}/{m['patch']}{shape}",
+            "fusion": {"none": "-", "merged": "ReDi-MR", "separate": "ReDi-SP"}[m["fusion"]],
+            "r": train["rank"] if m["fusion"] != "none" else None, "norm z": train["normalize_z"],
+            "lambda": train["rep_weight"], "p_drop": train["rep_dropout"],
+            "cond.": train["conditional"], "steps": train["steps"],
+        })
+    else:
+        record.update({"model": sample_manifest.get("model", str(checkpoint))})
+    sampler = sample_manifest.get("sampler", sample_cfg["sampler"])
+    record.update({"sampler": f"{sampler} {sample_cfg['steps']}",
+                   "CFG": sample_cfg["cfg_scale"], "RG": sample_cfg["rg_scale"],
+                   "samples": metrics.get("num_samples")})
+    for key, column in METRIC_COLUMNS.items():
+        record[column] = metrics.get(key)
+    record["train_dir"] = str(checkpoint.parent) if train is not None else None
+    record["grid"] = str(metrics_path.parent / "grid.png")
+    return record
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
+    return str(value)
+
+
+def table_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
+    """One DataFrame per table, in first-appearance order, with only the columns that vary or matter."""
+    frame = pd.DataFrame(records, dtype=object)  # keep ints as ints next to None
+    shown = [c for c in frame.columns if c not in ("name", "tables", "train_dir", "grid")]
+    tables = {}
+    for name in dict.fromkeys(t for r in records for t in r["tables"]):
+        part = frame[frame["tables"].apply(lambda ts, name=name: name in ts)][shown]
+        keep = [c for c in shown if c in ("run", "model", *METRIC_COLUMNS.values())
+                or part[c].map(_fmt).nunique() > 1]
+        tables[name] = part[keep]
+    return tables
+
+
+def markdown(tables: dict[str, pd.DataFrame]) -> str:
+    lines = []
+    for name, frame in tables.items():
+        lines += [f"## {name}", "", "| " + " | ".join(frame.columns) + " |",
+                  "|" + "|".join(" --- " for _ in frame.columns) + "|"]
+        lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def latex(tables: dict[str, pd.DataFrame]) -> str:
+    def escape(text: str) -> str:
+        return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+    out = []
+    for name, frame in tables.items():
+        align = "l" * 2 + "r" * (len(frame.columns) - 2)
+        out += [f"% {name}", r"\begin{tabular}{" + align + "}", r"\toprule",
+                " & ".join(escape(c) for c in frame.columns) + r" \\", r"\midrule"]
+        out += [" & ".join(escape(_fmt(v)) for v in row) + r" \\" for row in frame.itertuples(index=False)]
+        out += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(out)
+
+
+def plot_grids(records: list[dict], path: Path) -> None:
+    columns = min(4, len(records))
+    rows = math.ceil(len(records) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, record in zip(axes.flat, records, strict=False):
+        if Path(record["grid"]).is_file():
+            ax.imshow(np.asarray(Image.open(record["grid"])))
+        fid = record.get("FID")
+        ax.set_title(f"{record['run']}" + (f"\nFID {fid:.1f}" if fid is not None else ""), fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_training(records: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for record in records:
+        log = Path(record["train_dir"]) / "metrics.jsonl" if record.get("train_dir") else None
+        if log is None or not log.is_file():
+            continue
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        steps = [entry["step"] for entry in lines]
+        axes[0].plot(steps, [entry["loss_x"] for entry in lines], label=record["run"])
+        if any("loss_z" in entry for entry in lines):
+            axes[1].plot(steps, [entry.get("loss_z", np.nan) for entry in lines], label=record["run"])
+    axes[0].set(title="image loss (MSE_x)", xlabel="training step", yscale="log")
+    axes[1].set(title="representation loss (MSE_z)", xlabel="training step", yscale="log")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(runs: list[dict], out_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """tables.md, tables.tex, runs.csv, grids.png and training.png in out_dir."""
+    out_dir = Path(out_dir)
+    records = [run_record(run) for run in runs]
+    if not records:
+        raise ReDiError("no runs to report")
+    tables = table_frames(records)
+    with atomic_path(out_dir / "runs.csv") as tmp:
+        rows = pd.DataFrame(records).drop(columns=["train_dir", "grid"])
+        rows["tables"] = rows["tables"].apply(";".join)
+        rows.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "tables.md") as tmp:
+        tmp.write_text(markdown(tables))
+    with atomic_path(out_dir / "tables.tex") as tmp:
+        tmp.write_text(latex(tables))
+    plot_grids(records, out_dir / "grids.png")
+    plot_training(records, out_dir / "training.png")
+    return tables
+
+
+def run_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi report`."""
+    runs = load_runs(args.runs)
+    tables = write_report(runs, args.out)
+    write_manifest(Path(args.out) / "manifest.json", "report", {}, runs=runs,
+                   tables={name: len(frame) for name, frame in tables.items()})
+    print(markdown(tables))
