@@ -3,6 +3,15 @@
 
 
 include: "workflow/rules/common.smk"
+
+
+# Run names of the grid, and the 8-hex version folders (see version() in common.smk).
+wildcard_constraints:
+    run="|".join(re.escape(name) for name in RUNS),
+    version="[0-9a-f]{8}",
+    sversion="[0-9a-f]{8}",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/train.smk"

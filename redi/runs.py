@@ -15,6 +15,8 @@ from .config import validate_config
 from .errors import ConfigError
 
 DEFAULT_RUN = "main"
+# the samplers each objective supports (the first is the paper's, sample.sampler: auto)
+SAMPLERS = {"interpolant": ("sde", "ode-euler", "ode-heun"), "ddpm": ("ddpm", "ddim")}
 RUN_SECTIONS = ("train", "sample")
 
 
@@ -48,6 +50,10 @@ def expand_runs(config: dict) -> dict[str, dict]:
             full = validate_config(merged, source=f"run '{name}'")
         except ConfigError as err:
             raise ConfigError(str(err).replace("invalid run", "invalid settings of run", 1)) from None
+        sampler, objective = full["sample"]["sampler"], full["train"]["objective"]
+        if sampler != "auto" and sampler not in SAMPLERS[objective] and not full["sample"]["checkpoint"]:
+            raise ConfigError(f"run '{name}': sample.sampler {sampler} does not fit train.objective "
+                              f"{objective} (choose auto or one of {', '.join(SAMPLERS[objective])})")
         tables = spec.get("table", "runs")
         full["tables"] = [tables] if isinstance(tables, str) else list(tables)
         full["label"] = spec.get("label", name)

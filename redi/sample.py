@@ -46,13 +46,13 @@ from .io import (
     write_manifest,
 )
 from .models import DiT, build_model
+from .runs import SAMPLERS
 from .samplers import PerSampleNoise, ddim_sample, ddpm_sample, ode_sample, sde_sample
 from .train import build_run, load_checkpoint, setup_distributed
 
 ARCHITECTURE = re.compile(r"^(DiT|SiT)-(S|B|L|XL)/(2|4|8)$")
 SHARD_PATTERN = "shard-{:06d}.tar"
 GRID_IMAGES = 64  # the first 64 samples (8 x 8) in grid.png and representations.png
-SAMPLERS = {"interpolant": ("sde", "ode-euler", "ode-heun"), "ddpm": ("ddpm", "ddim")}
 
 
 @dataclass

@@ -222,3 +222,14 @@ def test_an_official_checkpoint_is_sampled_without_training(tmp_path):
     assert planned_jobs(out) == {"sample": 1, "reference_stats": 1, "evaluate": 1, "report": 1, "all": 1}
     assert f"sample --checkpoint {checkpoint}" in out and "--architecture DiT-XL/2" in out
     assert f"reference-stats --source {reference}" in out  # ADM's statistics, plus P/R activations
+
+
+def test_the_workflow_is_lint_and_format_clean(tmp_path):
+    config = str(REPO / "config" / "ci.yaml")
+    command = [*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", config, "--lint"]
+    lint = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    files = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "workflow" / "rules").glob("*.smk")))]
+    fmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", *files], capture_output=True,
+                         text=True)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr

@@ -6,6 +6,12 @@ set -euo pipefail
 DIR=${SLURM_TEST_DIR:-/tmp/redi-slurm}
 mkdir -p "$DIR"/{state,spool,log,munge}
 
+if [ -f "$DIR/slurmctld.pid" ] && kill -0 "$(cat "$DIR/slurmctld.pid")" 2>/dev/null \
+   && SLURM_CONF="$DIR/slurm.conf" sinfo -h -o "%T" 2>/dev/null | grep -qE "idle|mixed|alloc"; then
+  echo "slurm is already up; export SLURM_CONF=$DIR/slurm.conf"
+  exit 0
+fi
+
 if ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
   echo "installing slurmd slurmctld slurm-client munge (apt)"
   export DEBIAN_FRONTEND=noninteractive
@@ -53,12 +59,20 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 SchedulerType=sched/backfill
 ReturnToService=2
+MinJobAge=86400
 MpiDefault=none
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
 
 export SLURM_CONF="$DIR/slurm.conf"
+# job steps (srun inside sbatch) look for the default path: link it there unless a real cluster's
+# config is already installed
+if [ ! -e /etc/slurm/slurm.conf ] || [ "$(readlink /etc/slurm/slurm.conf)" = "$SLURM_CONF" ]; then
+  mkdir -p /etc/slurm && ln -sfn "$SLURM_CONF" /etc/slurm/slurm.conf
+else
+  echo "note: /etc/slurm/slurm.conf belongs to another cluster; job steps need SLURM_CONF=$SLURM_CONF"
+fi
 slurmctld -f "$SLURM_CONF"
 slurmd -f "$SLURM_CONF"
 

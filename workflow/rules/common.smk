@@ -1,5 +1,6 @@
 # Config validation, versioned result paths, CLI flags and code versions shared by all rules.
 import hashlib
+import os
 import re
 import shlex
 from pathlib import Path
@@ -40,14 +41,25 @@ try:
     RUNS = expand_runs(config)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
+# With --use-conda all rules run in workflow/envs/redi.yaml (Python + this repository's package,
+# installed from REDI_REPO); the path is relative to the rule files.
+CONDA_ENV = "../envs/redi.yaml"
+os.environ.setdefault("REDI_REPO", str(REPO))
+
+# Threads of the heavy rules: all local cores; on a cluster (no --cores) 1, raised per rule by
+# the profile's set-threads / cpus_per_gpu.
+if (
+    "SLURM_JOB_ID" in os.environ
+):  # inside a cluster job: what the allocation grants, as at submission
+    JOB_THREADS = int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+else:
+    try:
+        JOB_THREADS = workflow.cores or 1
+    except WorkflowError:  # a cluster executor without --cores
+        JOB_THREADS = 1
+
 # Stages that exist once per run; the others once per dataset.
 RUN_STAGES = {"train", "sample", "evaluate"}
-
-
-wildcard_constraints:
-    run="|".join(re.escape(name) for name in RUNS),
-    version="[0-9a-f]{8}",
-    sversion="[0-9a-f]{8}",
 
 
 # Result folder names of the stages.

@@ -6,6 +6,8 @@ rule demo_data:
         manifest("demo-data"),
     log:
         log_file("demo-data"),
+    conda:
+        CONDA_ENV
     params:
         out=output_dir,
         flags=cli_flags("demo-data"),
@@ -23,6 +25,8 @@ rule shard:
         log_file("shard"),
     benchmark:
         benchmark_file("shard")
+    conda:
+        CONDA_ENV
     threads: max(1, config["shard"]["workers"])
     resources:
         speed=speed_flags("shard"),
@@ -44,7 +48,9 @@ rule train_standins:
         log_file("train-standins"),
     benchmark:
         benchmark_file("train-standins")
-    threads: workflow.cores
+    conda:
+        CONDA_ENV
+    threads: JOB_THREADS
     params:
         out=output_dir,
         flags=cli_flags("train-standins"),
@@ -64,6 +70,8 @@ rule encode_latents:
         log_file("encode-latents"),
     benchmark:
         benchmark_file("encode-latents")
+    conda:
+        CONDA_ENV
     threads: max(1, config["latents"]["workers"])
     resources:
         speed=speed_flags("encode-latents"),

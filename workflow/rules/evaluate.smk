@@ -7,6 +7,8 @@ rule convert_inception:
         manifest=manifest("convert-inception"),
     log:
         log_file("convert-inception"),
+    conda:
+        CONDA_ENV
     params:
         code=code_version("convert-inception"),
     shell:
@@ -24,7 +26,9 @@ rule reference_stats:
         log_file("reference-stats"),
     benchmark:
         benchmark_file("reference-stats")
-    threads: workflow.cores
+    conda:
+        CONDA_ENV
+    threads: JOB_THREADS
     resources:
         speed=speed_flags("reference-stats"),
         device=config["device"],
@@ -54,7 +58,9 @@ rule evaluate:
         log_file("evaluate"),
     benchmark:
         benchmark_file("evaluate")
-    threads: workflow.cores
+    conda:
+        CONDA_ENV
+    threads: JOB_THREADS
     resources:
         speed=lambda w: speed_flags("evaluate", w.run),
         device=config["device"],
@@ -89,6 +95,8 @@ rule report:
         ),
     log:
         log_file("report"),
+    conda:
+        CONDA_ENV
     params:
         out=output_dir,
         runs=report_runs(),

@@ -12,6 +12,8 @@ rule extract_features:
         log_file("extract-features"),
     benchmark:
         benchmark_file("extract-features")
+    conda:
+        CONDA_ENV
     threads: max(1, config["features"]["workers"])
     resources:
         speed=speed_flags("extract-features"),
@@ -35,6 +37,8 @@ rule fit_pca:
         log_file("fit-pca"),
     benchmark:
         benchmark_file("fit-pca")
+    conda:
+        CONDA_ENV
     params:
         code=code_version("fit-pca"),
     shell:
@@ -53,6 +57,8 @@ rule project_features:
         log_file("project-features"),
     benchmark:
         benchmark_file("project-features")
+    conda:
+        CONDA_ENV
     threads: max(1, config["features"]["workers"])
     resources:
         speed=speed_flags("project-features"),

@@ -20,7 +20,9 @@ rule sample:
         log_file("sample"),
     benchmark:
         benchmark_file("sample")
-    threads: workflow.cores
+    conda:
+        CONDA_ENV
+    threads: JOB_THREADS
     resources:
         speed=lambda w: speed_flags("sample", w.run),
         device=config["device"],

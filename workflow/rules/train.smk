@@ -19,7 +19,9 @@ rule train:
         log_file("train"),
     benchmark:
         benchmark_file("train")
-    threads: workflow.cores
+    conda:
+        CONDA_ENV
+    threads: JOB_THREADS
     resources:
         speed=lambda w: speed_flags("train", w.run),
         device=config["device"],

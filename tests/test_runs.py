@@ -1,0 +1,75 @@
+"""The run grid: merging, validation naming the run, train_run, tables; the paper's grid offline."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from redi.config import validate_config
+from redi.errors import ConfigError
+from redi.runs import deep_merge, expand_runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def grid(runs, **sections):
+    return validate_config({"dataset": {"name": "t"}, **sections, "runs": runs})
+
+
+def test_deep_merge_replaces_leaves_and_keeps_the_rest():
+    base = {"model": {"size": "B", "fusion": "merged"}, "rank": 8}
+    merged = deep_merge(base, {"model": {"fusion": "none"}, "steps": 5})
+    assert merged == {"model": {"size": "B", "fusion": "none"}, "rank": 8, "steps": 5}
+    assert base["model"]["fusion"] == "merged"  # not mutated
+
+
+def test_runs_merge_onto_the_sections_in_order():
+    runs = expand_runs(grid({"base": {"train": {"model": {"fusion": "none"}}}, "redi": None,
+                             "rg": {"train_run": "redi", "sample": {"rg_scale": 1.5}, "table": ["a", "b"]}},
+                            train={"rank": 4, "rep_dropout": 0.2}))
+    assert list(runs) == ["base", "redi", "rg"]
+    assert runs["base"]["train"]["model"]["fusion"] == "none" and runs["base"]["train"]["rank"] == 4
+    assert runs["redi"]["train"]["model"]["fusion"] == "merged"
+    assert runs["rg"]["train"] == runs["redi"]["train"] and runs["rg"]["sample"]["rg_scale"] == 1.5
+    assert runs["rg"]["train_run"] == "redi" and runs["redi"]["train_run"] == "redi"
+    assert runs["rg"]["tables"] == ["a", "b"] and runs["base"]["tables"] == ["runs"]
+    assert list(expand_runs(validate_config({"dataset": {"name": "t"}}))) == ["main"]
+
+
+@pytest.mark.parametrize("runs, message", [
+    ({"bad": {"train": {"rank": "eight"}}}, "run 'bad'"),
+    ({"a": {"train_run": "missing"}}, "train_run 'missing'"),
+    ({"a": {}, "b": {"train_run": "a", "train": {"rank": 2}}}, "has train_run and train overrides"),
+    ({"a": {"train": {"objective": "ddpm"}, "sample": {"sampler": "sde"}}},
+     "does not fit train.objective ddpm"),
+])
+def test_bad_runs_are_named(runs, message):
+    with pytest.raises(ConfigError, match=message):
+        expand_runs(grid(runs))
+
+
+def test_run_names_and_keys_are_checked_by_the_schema():
+    with pytest.raises(ConfigError, match="runs"):
+        validate_config({"dataset": {"name": "t"}, "runs": {"has space": {}}})
+    with pytest.raises(ConfigError, match="unknown key"):
+        validate_config({"dataset": {"name": "t"}, "runs": {"a": {"model": {}}}})
+
+
+def test_the_paper_grid_plans_offline(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "imagenet256.yaml").read_text())
+    runs = expand_runs(validate_config(config))
+    assert {"dit-b2", "dit-b2-redi-mr", "dit-b2-redi-sp", "dit-b2-r1", "dit-b2-r32", "sit-xl2-redi",
+            "dit-xl2-uncond-redi-rg", "sit-xl2-redi-4m-cfg"} <= set(runs)
+    assert runs["dit-b2-r4"]["train"]["rank"] == 4 and runs["dit-b2-r4"]["train"]["objective"] == "ddpm"
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                           str(tmp_path), "--configfile", str(REPO / "config" / "imagenet256.yaml"), "-n"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = done.stdout.split("Job stats:")[1].split("Reasons")[0]
+    trained = sum(1 for name, spec in runs.items() if spec["train_run"] == name)  # RG/CFG variants share
+    counts = {line.split()[0]: int(line.split()[1]) for line in table.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert counts["train"] == trained and counts["sample"] == counts["evaluate"] == len(runs)
+    assert counts["report"] == 1 and counts["shard"] == 1
