@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import h5py
@@ -68,14 +69,20 @@ def test_ci_workflow_runs_through_slurm_and_matches_a_local_run(tmp_path, slurm_
     slurm, local = tmp_path / "slurm" / "results", tmp_path / "local" / "results"
     files = sorted(p.relative_to(slurm) for p in slurm.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())  # same versions
-    for relative in files:  # the deterministic stages wrote the same bytes
+    for relative in files:  # the deterministic stages wrote the same images (tar headers hold mtimes)
         if relative.suffix == ".tar" and relative.parts[1] == "shards":
-            assert (slurm / relative).read_bytes() == (local / relative).read_bytes(), relative
+            assert _members(slurm / relative) == _members(local / relative), relative
     (latents,) = [p for p in files if p.name == "latents.h5"]
     with h5py.File(slurm / latents) as a, h5py.File(local / latents) as b:
-        np.testing.assert_array_equal(a["mean"][:], b["mean"][:])
+        # a 1-CPU job and the 2-thread local run round differently (float16 storage: 1 ulp ~ 2e-3)
+        np.testing.assert_allclose(a["mean"][:], b["mean"][:], atol=5e-3)
     reports = [p for p in files if p.name == "tables.md"]
     assert len(reports) == 1 and "SiT + ReDi-MR" in (slurm / reports[0]).read_text()
+
+
+def _members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
 def _job_ids(env: dict) -> list[str]:
