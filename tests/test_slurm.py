@@ -52,7 +52,7 @@ def run_workflow(workdir: Path, *args: str, env: dict) -> str:
     return done.stdout + done.stderr
 
 
-def test_ci_workflow_runs_through_slurm_and_matches_a_local_run(tmp_path, slurm_conf):
+def test_ci_workflow_runs_through_slurm_and_matches_a_local_run(tmp_path, slurm_conf, capsys):
     env = {**os.environ, "SLURM_CONF": str(slurm_conf), "HF_HUB_OFFLINE": "1"}
     before = set(_job_ids(env))
     profiles = ["--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
@@ -61,8 +61,9 @@ def test_ci_workflow_runs_through_slurm_and_matches_a_local_run(tmp_path, slurm_
     submitted = set(re.findall(r"SLURM jobid (\d+)", out))
     seen = set(_job_ids(env)) - before
     planned = int(re.search(r"Job stats:.*?\ntotal\s+(\d+)", out, re.S).group(1))
-    print(f"SLURM: {len(submitted)} sbatch jobs submitted by snakemake, {len(seen)} new in squeue "
-          f"--states=all, {planned} jobs planned (`all` runs locally)")
+    with capsys.disabled():  # shown in the CI log even when the test passes
+        print(f"\nSLURM: {len(submitted)} sbatch jobs submitted by snakemake, {len(seen)} new in squeue "
+              f"--states=all, {planned} jobs planned (`all` runs locally)")
     assert len(submitted) == planned - 1 and submitted <= seen
 
     run_workflow(tmp_path / "local", "--cores", "2", env=env)
