@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from .io import atomic_path, require_file, write_manifest
+from .io import require_file, write_manifest, write_npz
 
 
 class MomentAccumulator:
@@ -88,8 +88,7 @@ def project(features: np.ndarray, pca: dict[str, np.ndarray], rank: int) -> np.n
 
 def save_pca(path: str | os.PathLike, pca: dict[str, np.ndarray]) -> None:
     """Write the fitted PCA arrays as one .npz, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **pca)
+    write_npz(path, **pca)
 
 
 def load_pca(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -97,13 +97,13 @@ import zipfile  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from redi.cli import main as redi_main  # noqa: E402
+from redi.io import write_npz  # noqa: E402
 from redi.metrics.evaluate import (  # noqa: E402
     evaluate,
     image_source,
     npz_images,
     read_reference,
     reference_stats,
-    save_npz,
 )
 from redi.metrics.inception import InceptionFeatures, torch_fidelity_name  # noqa: E402
 
@@ -229,7 +229,7 @@ def test_reference_stats_keep_adm_statistics_and_add_activations(tmp_path, conve
     assert ref["acts"].shape == (6, 2048) and result["kept_statistics_of_source"]
 
 
-def test_save_npz_is_atomic_and_keeps_the_name(tmp_path):
-    save_npz(tmp_path / "x.npz", a=np.arange(3))
+def test_write_npz_is_atomic_and_keeps_the_name(tmp_path):
+    write_npz(tmp_path / "x.npz", a=np.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz"]
     assert zipfile.ZipFile(tmp_path / "x.npz").namelist() == ["a.npy"]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..data.reader import iter_batches
 from ..devices import resolve_device
 from ..errors import ReDiError
-from ..io import atomic_path, fingerprint, read_manifest, require_file, write_json, write_manifest
+from ..io import atomic_path, fingerprint, read_manifest, require_file, write_json, write_manifest, write_npz
 from .inception import NO_LOGITS, InceptionFeatures, convert_tf_inception, fid_helper_torchscript
 from .scores import frechet_distance, gaussian_stats, inception_score, precision_recall
 
@@ -156,12 +156,6 @@ def read_reference(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temp name
-            np.savez(f, **arrays)
-
-
 def reference_stats(source: str | Path, out: str | Path, weights: str | None, limit: int | None = None,
                     batch_size: int = 100, device: str = "auto", seed: int = 0) -> dict:
     """Reference statistics of images, or of ADM's reference npz (its mu/sigma kept, acts added)."""
@@ -174,7 +168,7 @@ def reference_stats(source: str | Path, out: str | Path, weights: str | None, li
     stats = stats_of(features)
     if {"mu", "sigma"} <= set(known):  # ADM's statistics cover the whole training set: keep them
         stats.update({k: known[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in known})
-    save_npz(out, **stats, acts=features["pool"].astype(np.float32), num_images=np.array(count))
+    write_npz(out, **stats, acts=features["pool"].astype(np.float32), num_images=np.array(count))
     return {"images": count, "source": str(source), "kept_statistics_of_source": "mu" in known,
             "inception_weights": weights or "torch-fidelity URL",
             "wall_time_s": round(time.time() - start, 2)}
