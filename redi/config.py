@@ -143,7 +143,7 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: dict[str, list[str] 
                 del kwargs["metavar"]
             elif "array" in types:
                 item = {"integer": int, "number": float}.get(node["items"].get("type"), str)
-                kwargs.update(nargs="+", type=item)
+                kwargs.update(nargs="*", type=item)
             elif "enum" in node:
                 kwargs.update(choices=node["enum"], type=type(node["enum"][0]))
                 del kwargs["metavar"]

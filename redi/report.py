@@ -1,8 +1,9 @@
 """`redi report`: the run grid's results as paper-style tables (CSV, Markdown, LaTeX), the sample
-grids side by side and the training curves.
+grids side by side, FID against training steps and the training losses.
 
-Each run is {name, label, table, metrics}: its metrics JSON sits in its sample folder, whose
-manifest names the checkpoint, whose folder's manifest holds the training config.
+Each run is {name, label, tables, metrics[, curve, step]}: its metrics JSON sits in its sample
+folder, whose manifest names the checkpoint, whose training folder's manifest holds the training
+config. Runs sharing a `curve` are the FID-vs-step points of one training (a run's fid_steps).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from PIL import Image  # noqa: E402
 
 from .errors import ReDiError  # noqa: E402
 from .io import atomic_path, read_manifest, write_manifest  # noqa: E402
+from .train import SNAPSHOTS  # noqa: E402
 
+HIDDEN = ("name", "tables", "train_dir", "grid", "curve")  # bookkeeping, not table columns
 METRIC_COLUMNS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Prec.",
                   "recall": "Rec."}
 
@@ -50,7 +53,8 @@ def run_record(run: dict) -> dict:
     sample_manifest = read_manifest(metrics_path.parent / "manifest.json")
     sample_cfg = sample_manifest["config"]["sample"]
     checkpoint = Path(sample_manifest["inputs"]["checkpoint"]["path"])
-    train_manifest = checkpoint.parent / "manifest.json"
+    train_dir = checkpoint.parent.parent if checkpoint.parent.name == SNAPSHOTS else checkpoint.parent
+    train_manifest = train_dir / "manifest.json"
     train = read_manifest(train_manifest)["config"]["train"] if train_manifest.is_file() else None
     tables = run.get("tables", run.get("table", "runs"))
     record = {"run": run.get("label", run["name"]), "name": run["name"],
@@ -65,7 +69,7 @@ def run_record(run: dict) -> dict:
             "fusion": {"none": "-", "merged": "ReDi-MR", "separate": "ReDi-SP"}[m["fusion"]],
             "r": train["rank"] if m["fusion"] != "none" else None, "norm z": train["normalize_z"],
             "lambda": train["rep_weight"], "p_drop": train["rep_dropout"],
-            "cond.": train["conditional"], "steps": train["steps"],
+            "cond.": train["conditional"], "steps": run.get("step", train["steps"]),
         })
     else:
         record.update({"model": sample_manifest.get("model", str(checkpoint))})
@@ -75,8 +79,9 @@ def run_record(run: dict) -> dict:
                    "samples": metrics.get("num_samples")})
     for key, column in METRIC_COLUMNS.items():
         record[column] = metrics.get(key)
-    record["train_dir"] = str(checkpoint.parent) if train is not None else None
+    record["train_dir"] = str(train_dir) if train is not None else None
     record["grid"] = str(metrics_path.parent / "grid.png")
+    record["curve"] = run.get("curve", run["name"])
     return record
 
 
@@ -93,7 +98,7 @@ def _fmt(value) -> str:
 def table_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
     """One DataFrame per table, in first-appearance order, with only the columns that vary or matter."""
     frame = pd.DataFrame(records, dtype=object)  # keep ints as ints next to None
-    shown = [c for c in frame.columns if c not in ("name", "tables", "train_dir", "grid")]
+    shown = [c for c in frame.columns if c not in HIDDEN]
     tables = {}
     for name in dict.fromkeys(t for r in records for t in r["tables"]):
         part = frame[frame["tables"].apply(lambda ts, name=name: name in ts)][shown]
@@ -142,9 +147,33 @@ def plot_grids(records: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def fid_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """curve -> [(training step, FID)] sorted by step; a curve is named after its final run's label."""
+    labels = {r["name"]: r["run"] for r in records}
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        if record.get("FID") is not None and record.get("steps") is not None:
+            label = labels.get(record["curve"], record["curve"])
+            curves.setdefault(label, []).append((int(record["steps"]), float(record["FID"])))
+    return {label: sorted(points) for label, points in curves.items()}
+
+
+def plot_fid_vs_step(records: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in fid_curves(records).items():
+        steps, fids = zip(*points, strict=True)
+        ax.plot(steps, fids, marker="o", label=label)
+    ax.set(title="FID vs training step (lower is better)", xlabel="training step", ylabel="FID")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_training(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for record in records:
+    trainings = {r["train_dir"]: r for r in records if r["tables"]}  # one line per training
+    for record in trainings.values():
         log = Path(record["train_dir"]) / "metrics.jsonl" if record.get("train_dir") else None
         if log is None or not log.is_file():
             continue
@@ -169,7 +198,7 @@ def _save(fig, path: Path) -> None:
 
 
 def write_report(runs: list[dict], out_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """tables.md, tables.tex, runs.csv, grids.png and training.png in out_dir."""
+    """tables.md, tables.tex, runs.csv, grids.png, fid_vs_step.png and training.png in out_dir."""
     out_dir = Path(out_dir)
     records = [run_record(run) for run in runs]
     if not records:
@@ -183,7 +212,8 @@ def write_report(runs: list[dict], out_dir: str | Path) -> dict[str, pd.DataFram
         tmp.write_text(markdown(tables))
     with atomic_path(out_dir / "tables.tex") as tmp:
         tmp.write_text(latex(tables))
-    plot_grids(records, out_dir / "grids.png")
+    plot_grids([r for r in records if r["tables"]] or records, out_dir / "grids.png")
+    plot_fid_vs_step(records, out_dir / "fid_vs_step.png")
     plot_training(records, out_dir / "training.png")
     return tables
 

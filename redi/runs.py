@@ -3,8 +3,9 @@
 Each run deep-merges its `train` / `sample` overrides onto the config's own sections; every
 merged config is validated like the whole file, and errors name the run. A run with
 `train_run: <other>` samples the other run's model (e.g. its Representation Guidance or CFG
-variant) instead of training its own. Without `runs:` the config's train and sample sections
-form one run, "main".
+variant) instead of training its own. `fid_steps: [N, ...]` adds a run `<name>-step<N>` per step
+that samples the EMA snapshot of that training step (the report's FID-vs-step points). Without
+`runs:` the config's train and sample sections form one run, "main".
 """
 
 from __future__ import annotations
@@ -58,5 +59,32 @@ def expand_runs(config: dict) -> dict[str, dict]:
         full["tables"] = [tables] if isinstance(tables, str) else list(tables)
         full["label"] = spec.get("label", name)
         full["train_run"] = source or name
+        full["curve"] = name  # the FID-vs-step line this run's point belongs to
         expanded[name] = full
-    return expanded
+    return add_step_runs(expanded, {name: spec.get("fid_steps", []) for name, spec in runs.items()})
+
+
+def add_step_runs(expanded: dict[str, dict], fid_steps: dict[str, list[int]]) -> dict[str, dict]:
+    """The `<name>-step<N>` runs of every run's fid_steps, and the snapshot steps their trainings keep."""
+    out = dict(expanded)
+    for name, steps in fid_steps.items():
+        if not steps:
+            continue
+        run = expanded[name]
+        final = run["train"]["steps"]
+        if run["sample"]["checkpoint"] or run["sample"]["train_step"]:
+            raise ConfigError(f"run '{name}': fid_steps needs a run that samples its final weights")
+        bad = [s for s in steps if not 0 < s < final]
+        if bad:
+            raise ConfigError(f"run '{name}': fid_steps {bad} must lie between 0 and train.steps {final}")
+        for step in sorted(set(steps)):
+            point = f"{name}-step{step}"
+            if point in out:
+                raise ConfigError(f"run '{name}': fid_steps adds a run '{point}', a name already in runs")
+            out[point] = copy.deepcopy(run) | {"tables": [], "label": f"{run['label']} @ {step}"}
+            out[point]["sample"]["train_step"] = step
+    for run in out.values():  # every run reading a training knows all the snapshots it keeps
+        wanted = {r["sample"]["train_step"] for r in out.values()
+                  if r["train_run"] == run["train_run"] and r["sample"]["train_step"]}
+        run["train"]["snapshot_steps"] = sorted(wanted | set(run["train"]["snapshot_steps"]))
+    return out

@@ -48,7 +48,7 @@ from .io import (
 from .models import DiT, build_model
 from .runs import SAMPLERS
 from .samplers import PerSampleNoise, ddim_sample, ddpm_sample, ode_sample, sde_sample
-from .train import build_run, load_checkpoint, setup_distributed
+from .train import SNAPSHOTS, build_run, load_checkpoint, setup_distributed
 
 ARCHITECTURE = re.compile(r"^(DiT|SiT)-(S|B|L|XL)/(2|4|8)$")
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -71,7 +71,12 @@ class SamplingModel:
 # --- loading ----------------------------------------------------------------------------------
 
 def load_trained(path: str | Path) -> SamplingModel:
-    """The EMA weights of a `redi train` final.pt."""
+    """The EMA weights of a `redi train` final.pt or snapshot."""
+    path = Path(path)
+    if path.parent.name == SNAPSHOTS and not path.is_file():
+        raise ReDiError(f"{path} does not exist: the run was trained without this step in "
+                        f"train.snapshot_steps (a run's fid_steps); delete {path.parent.parent} to retrain "
+                        f"it with the snapshot, or drop the step")
     state = load_checkpoint(require_file(path, "checkpoint"))
     if not isinstance(state, dict) or "ema" not in state or "config" not in state:
         raise ReDiError(f"{path} is not a final.pt of `redi train`; for an official DiT/SiT checkpoint set "

@@ -3,7 +3,8 @@
 Checkpoints {model, ema, opt, step, rng, data, config} are written atomically every ckpt_every
 steps and when SIGTERM/SIGUSR1 arrives (SLURM preemption); a rerun resumes from the latest one and
 continues bit-exactly on CPU. A non-finite loss stops the run before the optimizer step, naming the
-step, so the last checkpoint stays good.
+step, so the last checkpoint stays good. final.pt, and snapshots/step-<N>.pt at train.snapshot_steps,
+hold what sampling needs: the EMA weights, the config and the data's scales.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .io import atomic_path, write_manifest
 from .models import build_model
 
 CHECKPOINTS = "checkpoints"
+SNAPSHOTS = "snapshots"
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -130,6 +132,11 @@ def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
     return path
 
 
+def snapshot_path(train_dir: str | Path, step: int) -> Path:
+    """Where the EMA snapshot of `step` of a run lives."""
+    return Path(train_dir) / SNAPSHOTS / f"step-{step:09d}.pt"
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint, tensors on CPU (weights_only: no code runs on load)."""
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -158,6 +165,9 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
           quiet: bool = False) -> dict | None:
     """Train (or resume) one run into out_dir; returns the manifest on rank 0 when finished."""
     start = time.time()
+    late = [s for s in cfg["snapshot_steps"] if s > cfg["steps"]]
+    if late:
+        raise ReDiError(f"train.snapshot_steps {late} lie beyond train.steps {cfg['steps']}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world, device = setup_distributed(device)
@@ -216,6 +226,10 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
         return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "step": step, "rng": gathered_rng, "data": gathered_data, "config": cfg}
 
+    def sampling_state() -> dict:
+        return {"ema": ema.state_dict(), "step": step, "config": cfg, "num_classes": data.num_classes,
+                "scaling_factor": data.scaling_factor, "z_std": data.z_std}
+
     def save() -> None:
         state = checkpoint_state()  # every rank joins the gathers
         if rank == 0:
@@ -259,6 +273,8 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
             stopping = any_rank(stop.received is not None, world, device)
             if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stopping:
                 save()
+            if step in cfg["snapshot_steps"] and rank == 0:
+                save_sampling_weights(snapshot_path(out_dir, step), sampling_state())
             if stopping and step < cfg["steps"]:
                 raise ReDiError(f"stopped by a signal after step {step}; checkpoint saved, rerun to resume")
     finally:
@@ -267,11 +283,7 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
     checksums = _replica_checksums(model, world, device)
     if rank != 0:
         return None
-    final = out_dir / "final.pt"
-    with atomic_path(final) as tmp:
-        torch.save({"ema": ema.state_dict(), "model": model.state_dict(), "step": step, "config": cfg,
-                    "num_classes": data.num_classes, "scaling_factor": data.scaling_factor,
-                    "z_std": data.z_std}, tmp)
+    save_sampling_weights(out_dir / "final.pt", sampling_state() | {"model": model.state_dict()})
     return write_manifest(
         out_dir / "manifest.json", "train", {"train": cfg},
         inputs={"latents": Path(latents).with_name("manifest.json"),
@@ -280,6 +292,12 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
         parameters=sum(p.numel() for p in model.parameters()), replica_checksums=checksums,
         wall_time_s=round(time.time() - start, 2),
     )
+
+
+def save_sampling_weights(path: Path, state: dict) -> None:
+    """final.pt or a snapshot: the EMA weights and what sampling needs to know (atomic)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _replica_checksums(model: nn.Module, world: int, device: torch.device) -> list[float]:

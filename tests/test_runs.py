@@ -1,5 +1,6 @@
 """The run grid: merging, validation naming the run, train_run, tables; the paper's grid offline."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,31 @@ def test_runs_merge_onto_the_sections_in_order():
 def test_bad_runs_are_named(runs, message):
     with pytest.raises(ConfigError, match=message):
         expand_runs(grid(runs))
+
+
+def test_fid_steps_add_snapshot_runs_of_the_same_training():
+    runs = expand_runs(grid({"redi": {"fid_steps": [400, 200], "label": "ReDi"},
+                             "rg": {"train_run": "redi", "sample": {"rg_scale": 1.5}, "fid_steps": [200]}},
+                            train={"steps": 800, "rep_dropout": 0.2}))
+    assert list(runs) == ["redi", "rg", "redi-step200", "redi-step400", "rg-step200"]
+    point = runs["redi-step200"]
+    assert point["sample"]["train_step"] == 200 and point["train_run"] == "redi"
+    assert point["tables"] == [] and point["label"] == "ReDi @ 200" and point["curve"] == "redi"
+    assert runs["rg-step200"]["sample"]["rg_scale"] == 1.5 and runs["rg-step200"]["curve"] == "rg"
+    # every run of that training asks it for the same snapshots (a speed key: no new version)
+    assert {tuple(r["train"]["snapshot_steps"]) for r in runs.values()} == {(200, 400)}
+    assert runs["redi"]["sample"]["train_step"] is None and runs["redi"]["curve"] == "redi"
+
+
+@pytest.mark.parametrize("runs, message", [
+    ({"a": {"fid_steps": [800]}}, "fid_steps [800] must lie between 0 and train.steps 800"),
+    ({"a": {"fid_steps": [100]}, "a-step100": None}, "adds a run 'a-step100', a name already in runs"),
+    ({"a": {"fid_steps": [100], "sample": {"checkpoint": "x.pt", "architecture": "DiT-B/2"}}},
+     "fid_steps needs a run that samples its final weights"),
+])
+def test_bad_fid_steps_are_named(runs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        expand_runs(grid(runs, train={"steps": 800}))
 
 
 def test_run_names_and_keys_are_checked_by_the_schema():

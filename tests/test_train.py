@@ -30,7 +30,8 @@ from redi import cli
 from redi.config import validate_config
 from redi.data.training_data import TrainingData
 from redi.errors import ReDiError
-from redi.train import build_run, train, update_ema
+from redi.sample import load_trained
+from redi.train import build_run, snapshot_path, train, update_ema
 
 N_SAMPLES, N_CLASSES, PCA_CHANNELS = 32, 4, 8
 CKPT_KEYS = {"model", "ema", "opt", "step", "rng", "data", "config"}
@@ -590,6 +591,23 @@ def test_checkpoints_load_safely_and_are_pruned(inputs, tmp_path):
     assert checkpoint_steps(out) == [12, 14]
     after = (out / "metrics.jsonl").read_text().splitlines()
     assert after[:10] == before and [json.loads(r)["step"] for r in after] == list(range(1, 15))
+
+
+def test_snapshots_hold_the_ema_of_their_step_and_survive_pruning(inputs, tmp_path):
+    out = tmp_path / "run"
+    train(train_cfg(steps=10, ckpt_every=2, keep_checkpoints=1, snapshot_steps=[4, 7]), *inputs, out, "cpu",
+          quiet=True)
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-000000004.pt", "step-000000007.pt"]
+    snapshot = load(snapshot_path(out, 4))
+    assert snapshot["step"] == 4 and snapshot["num_classes"] == N_CLASSES and "opt" not in snapshot
+    same = tmp_path / "same"  # an identical run stopped at step 4: its EMA is the snapshot's
+    train(train_cfg(steps=4, ckpt_every=2, keep_checkpoints=1), *inputs, same, "cpu", quiet=True)
+    assert_same_state(snapshot["ema"], load(same / "final.pt")["ema"])
+    assert load_trained(snapshot_path(out, 7)).description == "redi train run, step 7"
+    with pytest.raises(ReDiError, match="trained without this step in train.snapshot_steps"):
+        load_trained(snapshot_path(out, 5))
+    with pytest.raises(ReDiError, match=re.escape("train.snapshot_steps [12] lie beyond train.steps 10")):
+        train(train_cfg(steps=10, snapshot_steps=[12]), *inputs, tmp_path / "late", "cpu", quiet=True)
 
 
 # --- robustness of resuming ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -103,12 +104,13 @@ def test_touching_one_run_reruns_only_that_run_and_the_report(workflow_run, tmp_
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     out = snakemake(workflow_run, changed, "-n")
-    assert planned_jobs(out) == {"train": 1, "sample": 1, "evaluate": 1, "report": 1, "all": 1}
+    # the run and its FID-vs-step point (redi-step10) sample and evaluate again
+    assert planned_jobs(out) == {"train": 1, "sample": 2, "evaluate": 2, "report": 1, "all": 1}
     assert "train/redi/" in out and "train/baseline/" not in out
     config["runs"]["redi"]["train"] = {}
     config["runs"]["redi"]["sample"] = {"cfg_scale": 1.5}  # sampling only: no retraining
     changed.write_text(yaml.safe_dump(config))
-    assert planned_jobs(snakemake(workflow_run, changed, "-n")) == {"sample": 1, "evaluate": 1, "report": 1,
+    assert planned_jobs(snakemake(workflow_run, changed, "-n")) == {"sample": 2, "evaluate": 2, "report": 1,
                                                                     "all": 1}
 
 
@@ -117,11 +119,28 @@ def test_the_report_tables_hold_every_run(workflow_run):
     (report,) = results.glob("report/*")
     tables = (report / "tables.md").read_text()
     assert "| SiT baseline |" in tables and "| SiT + ReDi-MR |" in tables
-    runs = (report / "runs.csv").read_text().splitlines()
-    assert runs[0].startswith("run,name,tables") and len(runs) == 3
+    assert "@ 10" not in tables  # FID-vs-step points are plotted, not tabled
+    runs = pd.read_csv(report / "runs.csv")
+    assert list(runs["name"]) == ["baseline", "redi", "redi-step10"]
+    assert list(runs["steps"]) == [20, 20, 10] and list(runs["curve"]) == ["baseline", "redi", "redi"]
+    assert runs["FID"].notna().all()
     assert "\\begin{tabular}" in (report / "tables.tex").read_text()
-    for figure in ("grids.png", "training.png"):
+    for figure in ("grids.png", "fid_vs_step.png", "training.png"):
         assert (report / figure).stat().st_size > 1000
+
+
+def test_a_fid_step_samples_the_snapshot_of_that_step(workflow_run):
+    results = workflow_run / "results" / "ci-demo"
+    (train,) = results.glob("train/redi/*")
+    snapshot = torch.load(train / "snapshots" / "step-000000010.pt", weights_only=True)
+    checkpoint = torch.load(train / "checkpoints" / "step-000000010.pt", weights_only=True)
+    assert snapshot["step"] == 10 and snapshot["config"]["snapshot_steps"] == [10]
+    for key, weight in checkpoint["ema"].items():
+        assert torch.equal(snapshot["ema"][key], weight), key
+    (samples,) = results.glob("samples/redi-step10/*")
+    manifest = json.loads((samples / "manifest.json").read_text())
+    assert manifest["inputs"]["checkpoint"]["path"].endswith("snapshots/step-000000010.pt")
+    assert not list(results.glob("train/redi-step10"))  # the point trains nothing
 
 
 def test_a_bad_run_names_the_run_and_key(tmp_path):
@@ -147,7 +166,7 @@ def test_rank_change_reruns_only_the_projection_and_training(workflow_run, tmp_p
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
-    assert jobs == {"project_features": 1, "train": 2, "sample": 2, "evaluate": 2, "report": 1, "all": 1}
+    assert jobs == {"project_features": 1, "train": 2, "sample": 3, "evaluate": 3, "report": 1, "all": 1}
 
 
 def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):
@@ -156,6 +175,7 @@ def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):
     config["features"]["workers"] = 1
     config["train"]["log_every"] = 3
     config["train"]["ckpt_every"] = 7
+    config["train"]["keep_checkpoints"] = 5
     config["sample"]["batch_size"] = 5
     config["evaluate"]["batch_size"] = 3
     changed = tmp_path / "changed.yaml"

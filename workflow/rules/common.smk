@@ -180,6 +180,9 @@ def version(stage, run=None):
         own["root"] = config["dataset"]["root"]
     if stage == "sample":
         own["checkpoint"] = cfg(run)["sample"]["checkpoint"]
+        # a snapshot's step only when set, so samples of final weights keep their versions
+        if cfg(run)["sample"]["train_step"]:
+            own["train_step"] = cfg(run)["sample"]["train_step"]
     if stage == "reference-stats":
         own["reference"] = config["evaluate"]["reference"]
     inputs = [version(s, stage_run(s, run)) for s in upstream(stage, run)]
@@ -196,7 +199,7 @@ def stage_run(stage, run):
 def report_version():
     """The report changes with any run's results, names, labels or tables."""
     runs = {
-        name: [version("evaluate", name), spec["label"], spec["tables"]]
+        name: [version("evaluate", name), spec["label"], spec["tables"], spec["curve"]]
         for name, spec in RUNS.items()
     }
     return config_hash(runs)[:8]
@@ -343,9 +346,18 @@ def standin_input(section):
 
 
 def sample_checkpoint(run):
-    """The weights `sample` reads: sample.checkpoint (official DiT/SiT) or the run's final.pt."""
+    """What `sample` waits for: sample.checkpoint (official DiT/SiT) or the run's final.pt."""
     trained = stage_dir("train", stage_run("train", run))
     return cfg(run)["sample"]["checkpoint"] or f"{trained}/final.pt"
+
+
+def sample_weights(wildcards):
+    """params function: the weights `sample` reads: sample_checkpoint, or the train_step snapshot."""
+    step = cfg(wildcards.run)["sample"]["train_step"]
+    if not step:
+        return sample_checkpoint(wildcards.run)
+    trained = stage_dir("train", stage_run("train", wildcards.run))
+    return f"{trained}/snapshots/step-{step:09d}.pt"
 
 
 def inception_weights():
@@ -388,6 +400,8 @@ def report_runs():
             "label": s["label"],
             "tables": s["tables"],
             "metrics": metrics_file(n),
+            "curve": s["curve"],
+            "step": s["sample"]["train_step"] or s["train"]["steps"],
         }
         for n, s in RUNS.items()
     ]

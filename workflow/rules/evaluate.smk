@@ -88,6 +88,11 @@ rule report:
             caption="../report/grids.rst",
             category="Samples",
         ),
+        fid_steps=report(
+            f"{stage_dir('report')}/fid_vs_step.png",
+            caption="../report/fid_vs_step.rst",
+            category="Results",
+        ),
         curves=report(
             f"{stage_dir('report')}/training.png",
             caption="../report/training.rst",

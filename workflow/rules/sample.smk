@@ -32,6 +32,7 @@ rule sample:
         flags=lambda w: encoder_flags("sample", "latents", w.run),
         code=code_version("sample"),
         launcher=launcher,
+        weights=sample_weights,
     shell:
-        "{params.launcher} sample --checkpoint {input.checkpoint} --out {params.out} {params.flags}"
+        "{params.launcher} sample --checkpoint {params.weights} --out {params.out} {params.flags}"
         " {resources.speed} --device {resources.device} > {log} 2>&1"
