@@ -45,6 +45,7 @@ OTHER_KEYS = {
     "results": "none: a different results folder",
     "device": "none: where the neural stages run",
     "launch.nproc_per_node": "none: processes per training job",
+    "launch.threads_per_job": "none: CPU threads of each heavy local job",
     "dataset.name": "none: a different results/<name> folder",
     "dataset.root": "shard (and all after it)",
     "sample.checkpoint": "sample (and all after it); the workflow passes it as `redi sample --checkpoint`",

@@ -68,7 +68,7 @@ def run_record(run: dict) -> dict:
             "model": f"{family}-{m['size']}/{m['patch']}{shape}",
             "fusion": {"none": "-", "merged": "ReDi-MR", "separate": "ReDi-SP"}[m["fusion"]],
             "r": train["rank"] if m["fusion"] != "none" else None, "norm z": train["normalize_z"],
-            "lambda": train["rep_weight"], "p_drop": train["rep_dropout"],
+            "lambda": train["rep_weight"], "p_drop": train["rep_dropout"], "lr": train["lr"],
             "cond.": train["conditional"], "steps": run.get("step", train["steps"]),
         })
     else:
@@ -91,7 +91,9 @@ def _fmt(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
+        if abs(value) >= 1 or value == 0:
+            return f"{value:.2f}"
+        return f"{value:.3f}" if abs(value) >= 0.01 else f"{value:.2g}"  # 0.004, 0.0003
     return str(value)
 
 

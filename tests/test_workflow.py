@@ -253,3 +253,13 @@ def test_the_workflow_is_lint_and_format_clean(tmp_path):
     fmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", *files], capture_output=True,
                          text=True)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_threads_per_job_caps_the_heavy_jobs(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+    config["launch"] = {"threads_per_job": 1}
+    changed = tmp_path / "capped.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    plain = snakemake(tmp_path, REPO / "config" / "ci.yaml", "-n")
+    capped = snakemake(tmp_path, changed, "-n")
+    assert "threads: 2" in plain and "threads: 2" not in capped  # --cores 2: one job, or two at once

@@ -46,8 +46,8 @@ except ConfigError as err:
 CONDA_ENV = "../envs/redi.yaml"
 os.environ.setdefault("REDI_REPO", str(REPO))
 
-# Threads of the heavy rules: all local cores; on a cluster (no --cores) 1, raised per rule by
-# the profile's set-threads / cpus_per_gpu.
+# Threads of the heavy rules: launch.threads_per_job, else all local cores; on a cluster (no
+# --cores) 1, raised per rule by the profile's set-threads / cpus_per_gpu.
 if (
     "SLURM_JOB_ID" in os.environ
 ):  # inside a cluster job: what the allocation grants, as at submission
@@ -57,6 +57,7 @@ else:
         JOB_THREADS = workflow.cores or 1
     except WorkflowError:  # a cluster executor without --cores
         JOB_THREADS = 1
+    JOB_THREADS = min(config["launch"]["threads_per_job"] or JOB_THREADS, JOB_THREADS)
 
 # Stages that exist once per run; the others once per dataset.
 RUN_STAGES = {"train", "sample", "evaluate"}
