@@ -161,13 +161,16 @@ def fid_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_fid_vs_step(records: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """One line per training with fid_steps points; a run without them is a single marker."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for label, points in fid_curves(records).items():
         steps, fids = zip(*points, strict=True)
-        ax.plot(steps, fids, marker="o", label=label)
+        line = len(points) > 1
+        ax.plot(steps, fids, marker="o" if line else "s", linestyle="-" if line else "none", label=label)
     ax.set(title="FID vs training step (lower is better)", xlabel="training step", ylabel="FID")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     _save(fig, path)
 
