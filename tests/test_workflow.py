@@ -129,6 +129,15 @@ def test_the_report_tables_hold_every_run(workflow_run):
         assert (report / figure).stat().st_size > 1000
 
 
+def test_the_html_report_bundles_the_figures_with_captions(workflow_run, tmp_path):
+    html = tmp_path / "report.html"
+    snakemake(workflow_run, REPO / "config" / "ci.yaml", "--report", str(html))
+    text = html.read_text()
+    for figure in ("tables.md", "grids.png", "fid_vs_step.png", "training.png"):
+        assert figure in text
+    assert "FID against training step" in text and "Training losses per run" in text
+
+
 def test_a_fid_step_samples_the_snapshot_of_that_step(workflow_run):
     results = workflow_run / "results" / "ci-demo"
     (train,) = results.glob("train/redi/*")
