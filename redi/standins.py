@@ -3,6 +3,7 @@
 Pretrained SD-VAE and DINOv2 cannot be downloaded offline, so the demo trains small networks of the
 same families on its own shards and saves them in the formats the real loaders read (a diffusers
 folder, a timm hub-layout folder). encode-latents and extract-features then load them unchanged.
+Two stages, so the two trainings run side by side and changing one does not retrain the other.
 """
 
 from __future__ import annotations
@@ -137,32 +138,51 @@ def train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator) 
     return vit, {"final_train_loss": final["loss"], "test_accuracy": accuracy}
 
 
-def train_standins(shard_manifest: str | os.PathLike, out_dir: str | os.PathLike, cfg: dict) -> dict:
-    """Train both stand-ins and save them under out_dir/vae (diffusers) and out_dir/vit (timm)."""
-    start = time.time()
+def _data_and_split(shard_manifest, cfg: dict):
+    """All images and labels, and the seeded train/held-out split both stand-ins share."""
     torch.manual_seed(cfg["seed"])
     generator = torch.Generator().manual_seed(cfg["seed"])
     images, labels = load_all_images(shard_manifest)
-    num_classes = read_manifest(shard_manifest)["num_classes"]
     order = torch.randperm(len(images), generator=generator)
     n_test = max(1, int(round(cfg["holdout"] * len(images))))
-    test_idx, train_idx = order[:n_test], order[n_test:]
-    out_dir = Path(out_dir)
+    return images, labels, order[n_test:], order[:n_test], generator
 
-    vae, vae_report = train_vae(images, train_idx, test_idx, cfg, generator)
-    with atomic_dir(out_dir / "vae") as tmp:
+
+def train_standin_vae(shard_manifest: str | os.PathLike, out_dir: str | os.PathLike, cfg: dict) -> dict:
+    """Train the stand-in VAE and save it under out_dir/vae (a diffusers folder) + manifest.json."""
+    start = time.time()
+    images, _, train_idx, test_idx, generator = _data_and_split(shard_manifest, cfg)
+    vae, report = train_vae(images, train_idx, test_idx, cfg, generator)
+    with atomic_dir(Path(out_dir) / "vae") as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
-    vit, vit_report = train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator)
-    with atomic_dir(out_dir / "vit") as tmp:
-        save_for_hf(vit, tmp, model_args=vit_args(cfg, images.shape[1], num_classes),
-                    safe_serialization=True)
     return write_manifest(
-        out_dir / "manifest.json", "train_standins", cfg, inputs={"shards": shard_manifest},
-        vae=vae_report, vit=vit_report, num_train=len(train_idx), num_test=len(test_idx),
+        Path(out_dir) / "manifest.json", "train_standin_vae", cfg, inputs={"shards": shard_manifest},
+        vae=report, num_train=len(train_idx), num_test=len(test_idx),
         wall_time_s=round(time.time() - start, 2),
     )
 
 
-def run_stage(args: argparse.Namespace, cfg: dict) -> None:
-    """`redi train-standins`."""
-    train_standins(args.shards, args.out, cfg["standins"])
+def train_standin_vit(shard_manifest: str | os.PathLike, out_dir: str | os.PathLike, cfg: dict) -> dict:
+    """Train the stand-in ViT and save it under out_dir/vit (a timm hub folder) + manifest.json."""
+    start = time.time()
+    images, labels, train_idx, test_idx, generator = _data_and_split(shard_manifest, cfg)
+    num_classes = read_manifest(shard_manifest)["num_classes"]
+    vit, report = train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator)
+    with atomic_dir(Path(out_dir) / "vit") as tmp:
+        save_for_hf(vit, tmp, model_args=vit_args(cfg, images.shape[1], num_classes),
+                    safe_serialization=True)
+    return write_manifest(
+        Path(out_dir) / "manifest.json", "train_standin_vit", cfg, inputs={"shards": shard_manifest},
+        vit=report, num_train=len(train_idx), num_test=len(test_idx),
+        wall_time_s=round(time.time() - start, 2),
+    )
+
+
+def run_vae_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi train-standin-vae`."""
+    train_standin_vae(args.shards, args.out, cfg["standins"])
+
+
+def run_vit_stage(args: argparse.Namespace, cfg: dict) -> None:
+    """`redi train-standin-vit`."""
+    train_standin_vit(args.shards, args.out, cfg["standins"])

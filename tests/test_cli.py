@@ -216,7 +216,7 @@ def test_stage_config_without_resources_has_no_resource_keys(stage):
                       "sample": {"batch_size"}, "evaluate": {"batch_size"}}.get(section, set())
         assert dropped == (speed_only & set(with_resources[section])), section
         assert set(values) <= set(full[section])
-    if stage == "train-standins":  # the training batch size changes the trained weights: kept
+    if stage.startswith("train-standin-"):  # the training batch size changes the trained weights: kept
         assert without["standins"]["batch_size"] == 64
     if stage == "train":
         assert without["train"]["batch_size"] == 256 and "steps" in without["train"]
@@ -230,7 +230,8 @@ def test_stage_config_returns_a_copy():
 
 
 def stage_argv(stage: str) -> list[str]:
-    paths = {"demo-data": ["--out"], "shard": ["--input", "--out"], "train-standins": ["--shards", "--out"],
+    paths = {"demo-data": ["--out"], "shard": ["--input", "--out"],
+             "train-standin-vae": ["--shards", "--out"], "train-standin-vit": ["--shards", "--out"],
              "encode-latents": ["--shards", "--out"], "extract-features": ["--shards", "--out"],
              "fit-pca": ["--features", "--out"], "project-features": ["--shards", "--pca", "--out"],
              "train": ["--latents", "--features", "--out"], "sample": ["--checkpoint", "--out"],

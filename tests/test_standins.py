@@ -1,4 +1,4 @@
-"""train-standins: the demo's stand-in encoders train, save in the real formats and load back."""
+"""train-standin-vae / -vit: the demo's stand-in encoders train, save in the real formats and load back."""
 
 import math
 
@@ -10,7 +10,7 @@ from redi.config import validate_config
 from redi.data.demo import write_demo_folder
 from redi.data.shard import write_shards
 from redi.encoders import load_encoder
-from redi.standins import train_standins
+from redi.standins import train_standin_vae, train_standin_vit
 
 TINY = dict(batch_size=8, vae_steps=3, vae_channels=[8, 16], vit_steps=3, vit_dim=16, vit_depth=1,
             vit_heads=2, vit_patch=8, holdout=0.25)
@@ -29,25 +29,28 @@ def config(**overrides):
 
 
 def test_standins_load_through_the_real_loaders(shards, tmp_path):
-    manifest = train_standins(shards, tmp_path, config())
-    vae = load_encoder("standin-vae", str(tmp_path / "vae"))
+    vae_manifest = train_standin_vae(shards, tmp_path / "a", config())
+    vit_manifest = train_standin_vit(shards, tmp_path / "b", config())
+    assert not (tmp_path / "a" / "vit").exists() and not (tmp_path / "b" / "vae").exists()
+    vae = load_encoder("standin-vae", str(tmp_path / "a" / "vae"))
     assert vae.downsample == 2 and vae.latent_channels == 4
-    assert vae.scaling_factor == pytest.approx(manifest["vae"]["scaling_factor"])
+    assert vae.scaling_factor == pytest.approx(vae_manifest["vae"]["scaling_factor"])
     images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
     mean, std = vae(images)
     assert mean.shape == (3, 4, 16, 16) and (std > 0).all()
-    vit = load_encoder("standin-vit", str(tmp_path / "vit"), grid=4)
+    vit = load_encoder("standin-vit", str(tmp_path / "b" / "vit"), grid=4)
     assert vit(images).shape == (3, 16, 16)
-    report = manifest["vae"]
+    report = vae_manifest["vae"]
     assert report["test_psnr_db"] == pytest.approx(10 * math.log10(4 / report["test_mse"]))
-    assert 0.0 <= manifest["vit"]["test_accuracy"] <= 1.0
-    assert manifest["num_test"] == 5 and manifest["num_train"] == 15
+    assert 0.0 <= vit_manifest["vit"]["test_accuracy"] <= 1.0
+    for manifest in (vae_manifest, vit_manifest):  # the same seeded quarter held out by both
+        assert manifest["num_test"] == 5 and manifest["num_train"] == 15
 
 
 def test_same_seed_same_weights_other_seed_other_weights(shards, tmp_path):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        train_standins(shards, tmp_path / name, config(seed=seed))
+        train_standin_vae(shards, tmp_path / name, config(seed=seed))
         runs[name] = load_file(tmp_path / name / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])

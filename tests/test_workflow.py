@@ -59,7 +59,8 @@ def test_ci_workflow_writes_training_inputs(workflow_run):
         assert f["z"].shape == (n, rank, 4, 4) and f["z_flip"].shape == (n, rank, 4, 4)
         assert f["component_std"].shape == (rank,)
         assert (f["labels"][:] == h5py.File(latents)["labels"][:]).all()
-    for stage in ("images", "shards", "standins", "latents", "features", "pca", "pca_features"):
+    for stage in ("images", "shards", "standin-vae", "standin-vit", "latents", "features", "pca",
+                  "pca_features"):
         (manifest,) = results.glob(f"{stage}/*/manifest.json")
         assert json.loads(manifest.read_text())["config_hash"]
     assert not list(workflow_run.rglob("*.partial")), "a stage left a partial file"
@@ -192,16 +193,26 @@ def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):
     assert "Nothing to be done" in snakemake(workflow_run, changed, "-n")
 
 
-def test_vae_change_reruns_standins_and_everything_after(workflow_run, tmp_path):
+def test_vae_change_reruns_the_vae_and_what_reads_latents_only(workflow_run, tmp_path):
     config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
     config["standins"]["vae_steps"] += 1
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
-    assert "shard" not in jobs and "demo_data" not in jobs
-    after = {"train_standins", "encode_latents", "extract_features", "fit_pca", "project_features", "train",
-             "sample", "evaluate", "report"}
-    assert after <= set(jobs)
+    assert {"train_standin_vae", "encode_latents", "train", "sample", "evaluate", "report"} <= set(jobs)
+    assert not {"shard", "demo_data", "train_standin_vit", "extract_features", "fit_pca",
+                "project_features", "reference_stats"} & set(jobs)
+
+
+def test_vit_change_reruns_the_vit_and_the_features_not_the_latents(workflow_run, tmp_path):
+    config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+    config["standins"]["vit_steps"] += 1
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
+    assert {"train_standin_vit", "extract_features", "fit_pca", "project_features", "train", "sample",
+            "evaluate", "report"} <= set(jobs)
+    assert not {"shard", "train_standin_vae", "encode_latents", "reference_stats"} & set(jobs)
 
 
 def test_bad_config_names_the_key(tmp_path):
@@ -224,7 +235,7 @@ def test_a_user_config_replaces_the_demo_config(tmp_path):
     # keys the user's file leaves out take the schema defaults, not the demo's values
     assert "--image-size 256" in out and "--num-classes 1000" in out
     assert "--encoder-name sd-vae --encoder-weights stabilityai/sd-vae-ft-ema" in out
-    assert "train_standins" not in out and "demo_data" not in out
+    assert "train_standin" not in out and "demo_data" not in out
 
 
 def test_given_standin_weights_are_used_not_retrained(tmp_path):
@@ -235,7 +246,7 @@ def test_given_standin_weights_are_used_not_retrained(tmp_path):
     user.write_text(yaml.safe_dump(config))
     out = snakemake(tmp_path, user, "-n", "-p")
     assert "--encoder-weights /models/my-vae" in out and "--encoder-weights /models/my-vit" in out
-    assert "train_standins" not in out
+    assert "train_standin" not in out
 
 
 def test_an_official_checkpoint_is_sampled_without_training(tmp_path):
@@ -272,4 +283,4 @@ def test_threads_per_job_caps_the_heavy_jobs(tmp_path):
     plain = snakemake(tmp_path, REPO / "config" / "ci.yaml", "-n")
     capped = snakemake(tmp_path, changed, "-n")
     # --cores 2: one heavy job at a time, or two at once (shard keeps its shard.workers processes)
-    assert plain.count("threads: 2") == 11 and capped.count("threads: 2") == 1
+    assert plain.count("threads: 2") == 12 and capped.count("threads: 2") == 1

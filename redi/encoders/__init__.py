@@ -59,7 +59,7 @@ def load_encoder(
         raise ReDiError(f"encoder '{name}' is a {spec.kind}; this stage needs one of: {', '.join(wanted)}")
     weights = weights or spec.default_weights
     if weights is None:
-        raise ReDiError(f"encoder '{name}' needs weights: a folder made by train-standins")
+        raise ReDiError(f"encoder '{name}' needs weights: a folder made by train-standin-{spec.kind}")
     if is_local(weights) and not Path(weights).expanduser().exists():
         raise ReDiError(f"weights not found: {weights} (encoder '{name}'; no such local path)")
     try:

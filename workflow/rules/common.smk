@@ -59,6 +59,11 @@ else:
         JOB_THREADS = 1
     JOB_THREADS = min(config["launch"]["threads_per_job"] or JOB_THREADS, JOB_THREADS)
 
+# Scheduling priority of the stages every training waits for (stand-ins, latents, features, PCA):
+# without it, Snakemake's greedy scheduler prefers jobs with big inputs, such as reference-stats
+# (the Inception weights), and the trainings start minutes later.
+TRAINING_INPUT_PRIORITY = 1
+
 # Stages that exist once per run; the others once per dataset.
 RUN_STAGES = {"train", "sample", "evaluate"}
 
@@ -67,7 +72,8 @@ RUN_STAGES = {"train", "sample", "evaluate"}
 FOLDER = {
     "demo-data": "images",
     "shard": "shards",
-    "train-standins": "standins",
+    "train-standin-vae": "standin-vae",
+    "train-standin-vit": "standin-vit",
     "encode-latents": "latents",
     "extract-features": "features",
     "fit-pca": "pca",
@@ -87,7 +93,8 @@ FOLDER = {
 CODE = {
     "demo-data": ["redi/data/demo.py"],
     "shard": ["redi/data/shard.py", "redi/data/crop.py"],
-    "train-standins": ["redi/standins.py", "redi/data/reader.py"],
+    "train-standin-vae": ["redi/standins.py", "redi/data/reader.py"],
+    "train-standin-vit": ["redi/standins.py", "redi/data/reader.py"],
     "encode-latents": [
         "redi/latents.py",
         "redi/encoders/__init__.py",
@@ -134,7 +141,7 @@ CODE = {
 
 
 def uses_standin(section):
-    """True when the section's encoder is a stand-in that train-standins must make (no weights given)."""
+    """True when the section's encoder is a stand-in the workflow must train (no weights given)."""
     encoder = config[section]["encoder"]
     return encoder["name"].startswith("standin-") and not encoder["weights"]
 
@@ -146,19 +153,19 @@ def cfg(run=None):
 
 def upstream(stage, run=None):
     """The stages whose outputs `stage` (of `run`, for the run stages) reads."""
-    standins = ["train-standins"]
+    vae = ["train-standin-vae"] if uses_standin("latents") else []
+    vit = ["train-standin-vit"] if uses_standin("features") else []
     return {
         "demo-data": [],
         "shard": [] if config["dataset"]["root"] else ["demo-data"],
-        "train-standins": ["shard"],
-        "encode-latents": ["shard"] + (standins if uses_standin("latents") else []),
-        "extract-features": ["shard"] + (standins if uses_standin("features") else []),
+        "train-standin-vae": ["shard"],
+        "train-standin-vit": ["shard"],
+        "encode-latents": ["shard"] + vae,
+        "extract-features": ["shard"] + vit,
         "fit-pca": ["extract-features"],
-        "project-features": ["shard", "fit-pca"]
-        + (standins if uses_standin("features") else []),
+        "project-features": ["shard", "fit-pca"] + vit,
         "train": ["encode-latents", "project-features"],
-        "sample": ([] if cfg(run)["sample"]["checkpoint"] else ["train"])
-        + (standins if uses_standin("latents") else []),
+        "sample": ([] if cfg(run)["sample"]["checkpoint"] else ["train"]) + vae,
         "convert-inception": [],
         "reference-stats": ([] if config["evaluate"]["reference"] else ["shard"])
         + (["convert-inception"] if converts_inception() else []),
@@ -327,23 +334,31 @@ def speed_flags(stage, run=None):
     )
 
 
+def standin_kind(section):
+    """'vae' for the latents' encoder, 'vit' for the features'."""
+    return "vae" if section == "latents" else "vit"
+
+
 def standin_weights(kind):
-    """Weights folder of a stand-in encoder trained by train-standins ('vae' or 'vit')."""
-    return f"{stage_dir('train-standins')}/{kind}"
+    """Weights folder of a stand-in encoder trained by train-standin-<kind> ('vae' or 'vit')."""
+    stage = f"train-standin-{kind}"
+    return f"{stage_dir(stage)}/{kind}"
 
 
 def encoder_flags(stage, section, run=None):
     """cli_flags with the encoder weights pointed at the stand-in folder when a stand-in is used."""
     if not uses_standin(section):
         return cli_flags(stage, run)
-    kind = "vae" if section == "latents" else "vit"
+    kind = standin_kind(section)
     return cli_flags(
         stage, run, **{f"{section}.encoder.weights": standin_weights(kind)}
     )
 
 
 def standin_input(section):
-    return [manifest("train-standins")] if uses_standin(section) else []
+    if not uses_standin(section):
+        return []
+    return [manifest(f"train-standin-{standin_kind(section)}")]
 
 
 def sample_checkpoint(run):

@@ -39,24 +39,46 @@ rule shard:
         "redi shard --input {params.root:q} --out {params.out} {params.flags} {resources.speed} > {log} 2>&1"
 
 
-rule train_standins:
+rule train_standin_vae:
     input:
         manifest("shard"),
     output:
-        manifest("train-standins"),
+        manifest("train-standin-vae"),
     log:
-        log_file("train-standins"),
+        log_file("train-standin-vae"),
     benchmark:
-        benchmark_file("train-standins")
+        benchmark_file("train-standin-vae")
+    priority: TRAINING_INPUT_PRIORITY
     conda:
         CONDA_ENV
     threads: JOB_THREADS
     params:
         out=output_dir,
-        flags=cli_flags("train-standins"),
-        code=code_version("train-standins"),
+        flags=cli_flags("train-standin-vae"),
+        code=code_version("train-standin-vae"),
     shell:
-        "redi train-standins --shards {input} --out {params.out} {params.flags} > {log} 2>&1"
+        "redi train-standin-vae --shards {input} --out {params.out} {params.flags} > {log} 2>&1"
+
+
+rule train_standin_vit:
+    input:
+        manifest("shard"),
+    output:
+        manifest("train-standin-vit"),
+    log:
+        log_file("train-standin-vit"),
+    benchmark:
+        benchmark_file("train-standin-vit")
+    priority: TRAINING_INPUT_PRIORITY
+    conda:
+        CONDA_ENV
+    threads: JOB_THREADS
+    params:
+        out=output_dir,
+        flags=cli_flags("train-standin-vit"),
+        code=code_version("train-standin-vit"),
+    shell:
+        "redi train-standin-vit --shards {input} --out {params.out} {params.flags} > {log} 2>&1"
 
 
 rule encode_latents:
@@ -70,6 +92,7 @@ rule encode_latents:
         log_file("encode-latents"),
     benchmark:
         benchmark_file("encode-latents")
+    priority: TRAINING_INPUT_PRIORITY
     conda:
         CONDA_ENV
     threads: max(1, config["latents"]["workers"])
