@@ -128,6 +128,9 @@ class InceptionFeatures(nn.Module):
         else:
             state = weights if isinstance(weights, dict) else _read_state(Path(weights))
             self.net = self._build(FeatureExtractorInceptionV3, state, str(weights)[:80])
+        # NHWC weights make oneDNN run every conv NHWC: 1.6x the images/s on one CPU thread
+        # (benchmarks/inception.py), same features to ~1e-5
+        self.net.to(memory_format=torch.channels_last)
         self.spatial: torch.Tensor | None = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 

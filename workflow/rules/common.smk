@@ -59,10 +59,11 @@ else:
         JOB_THREADS = 1
     JOB_THREADS = min(config["launch"]["threads_per_job"] or JOB_THREADS, JOB_THREADS)
 
-# Scheduling priority of the stages every training waits for (stand-ins, latents, features, PCA):
-# without it, Snakemake's greedy scheduler prefers jobs with big inputs, such as reference-stats
-# (the Inception weights), and the trainings start minutes later.
-TRAINING_INPUT_PRIORITY = 1
+# Scheduling priority of the trainings and the stages they wait for (stand-ins, latents,
+# features, PCA). Without it, Snakemake's greedy scheduler prefers jobs with big inputs (the
+# Inception weights of reference-stats, samples, checkpoints) and the last training starts late,
+# with its sampling and evaluation still to come after it.
+TRAINING_PRIORITY = 1
 
 # Stages that exist once per run; the others once per dataset.
 RUN_STAGES = {"train", "sample", "evaluate"}

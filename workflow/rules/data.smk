@@ -48,7 +48,7 @@ rule train_standin_vae:
         log_file("train-standin-vae"),
     benchmark:
         benchmark_file("train-standin-vae")
-    priority: TRAINING_INPUT_PRIORITY
+    priority: TRAINING_PRIORITY
     conda:
         CONDA_ENV
     threads: JOB_THREADS
@@ -69,7 +69,7 @@ rule train_standin_vit:
         log_file("train-standin-vit"),
     benchmark:
         benchmark_file("train-standin-vit")
-    priority: TRAINING_INPUT_PRIORITY
+    priority: TRAINING_PRIORITY
     conda:
         CONDA_ENV
     threads: JOB_THREADS
@@ -92,7 +92,7 @@ rule encode_latents:
         log_file("encode-latents"),
     benchmark:
         benchmark_file("encode-latents")
-    priority: TRAINING_INPUT_PRIORITY
+    priority: TRAINING_PRIORITY
     conda:
         CONDA_ENV
     threads: max(1, config["latents"]["workers"])

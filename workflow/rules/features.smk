@@ -12,7 +12,7 @@ rule extract_features:
         log_file("extract-features"),
     benchmark:
         benchmark_file("extract-features")
-    priority: TRAINING_INPUT_PRIORITY
+    priority: TRAINING_PRIORITY
     conda:
         CONDA_ENV
     threads: max(1, config["features"]["workers"])
@@ -38,7 +38,7 @@ rule fit_pca:
         log_file("fit-pca"),
     benchmark:
         benchmark_file("fit-pca")
-    priority: TRAINING_INPUT_PRIORITY
+    priority: TRAINING_PRIORITY
     conda:
         CONDA_ENV
     params:
@@ -59,7 +59,7 @@ rule project_features:
         log_file("project-features"),
     benchmark:
         benchmark_file("project-features")
-    priority: TRAINING_INPUT_PRIORITY
+    priority: TRAINING_PRIORITY
     conda:
         CONDA_ENV
     threads: max(1, config["features"]["workers"])

@@ -19,6 +19,7 @@ rule train:
         log_file("train"),
     benchmark:
         benchmark_file("train")
+    priority: TRAINING_PRIORITY
     conda:
         CONDA_ENV
     threads: JOB_THREADS
