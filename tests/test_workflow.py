@@ -193,26 +193,23 @@ def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):
     assert "Nothing to be done" in snakemake(workflow_run, changed, "-n")
 
 
-def test_vae_change_reruns_the_vae_and_what_reads_latents_only(workflow_run, tmp_path):
+@pytest.mark.parametrize("key, reruns, keeps", [
+    ("vae_steps", {"train_standin_vae", "encode_latents", "train", "sample", "evaluate", "report"},
+     {"shard", "demo_data", "train_standin_vit", "extract_features", "fit_pca", "project_features",
+      "reference_stats"}),
+    ("vit_steps", {"train_standin_vit", "extract_features", "fit_pca", "project_features", "train", "sample",
+                   "evaluate", "report"},
+     {"shard", "train_standin_vae", "encode_latents", "reference_stats"}),
+], ids=["vae", "vit"])
+def test_a_standin_change_reruns_that_standin_and_what_reads_it_only(workflow_run, tmp_path, key, reruns,
+                                                                     keeps):
     config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
-    config["standins"]["vae_steps"] += 1
+    config["standins"][key] += 1
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
-    assert {"train_standin_vae", "encode_latents", "train", "sample", "evaluate", "report"} <= set(jobs)
-    assert not {"shard", "demo_data", "train_standin_vit", "extract_features", "fit_pca",
-                "project_features", "reference_stats"} & set(jobs)
-
-
-def test_vit_change_reruns_the_vit_and_the_features_not_the_latents(workflow_run, tmp_path):
-    config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
-    config["standins"]["vit_steps"] += 1
-    changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(config))
-    jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
-    assert {"train_standin_vit", "extract_features", "fit_pca", "project_features", "train", "sample",
-            "evaluate", "report"} <= set(jobs)
-    assert not {"shard", "train_standin_vae", "encode_latents", "reference_stats"} & set(jobs)
+    assert reruns <= set(jobs)
+    assert not keeps & set(jobs)
 
 
 def test_bad_config_names_the_key(tmp_path):
