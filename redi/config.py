@@ -125,6 +125,13 @@ def _none_or(kind):
     return parse
 
 
+def _boolean(text: str) -> bool:
+    value = text.lower()
+    if value not in ("true", "false", "yes", "no", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true, false or none, got {text!r}")
+    return value in ("true", "yes", "1")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, keys: dict[str, list[str] | None]) -> None:
     """Add one flag per key of the given sections (None = whole section); defaults are the schema's."""
     schema = load_schema()["properties"]
@@ -138,6 +145,12 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: dict[str, list[str] 
             kwargs: dict[str, Any] = {"dest": ".".join((section, *path)), "default": argparse.SUPPRESS,
                                       "metavar": path[-1].upper(),
                                       "help": f"{node.get('description', '')} [{section}.{'.'.join(path)}]"}
+            if "boolean" in types and "null" in types:  # --key, --no-key, or --key none
+                kwargs.update(nargs="?", const=True, type=_none_or(_boolean), metavar="none")
+                group.add_argument(flag_name(path), **kwargs)
+                group.add_argument(f"--no-{flag_name(path)[2:]}", dest=kwargs["dest"], action="store_false",
+                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                continue
             if "boolean" in types:
                 kwargs["action"] = argparse.BooleanOptionalAction
                 del kwargs["metavar"]

@@ -4,8 +4,9 @@ Both are written as corrections to the fully conditioned prediction p_c = model(
     CFG: p_c + (w_cfg - 1) * (p_c - model(x, z, null label))   == p_u + w (p_c - p_u)
     RG:  p_c + (w_rg - 1)  * (p_c - model(x, z_t = 0, y))       == p_0 + w (p_c - p_0)
 so they compose (both terms added), and each reduces to p_c at w = 1. All needed branches run in
-one batched forward. CFG acts on the image channels only by default (the paper's FID setting), RG
-on the image channels (the z-dropped branch's own z prediction is untrained), and CFG can be
+one batched forward. CFG acts on the image channels only by default (the paper's FID setting). RG
+acts on the image channels by default (the z-dropped branch's own z prediction is untrained); the
+official code (`forward_with_rg`) guides every channel, z included: `rg_all_channels`. CFG can be
 limited to a guidance interval of t.
 """
 
@@ -26,6 +27,7 @@ class Guidance:
     cfg_all_channels: bool = False  # False: CFG on the image only
     interval: tuple[float, float] | None = None  # CFG only while t_lo <= t <= t_hi
     cfg_image_channels: int | None = None  # CFG on the first k image channels only (official DiT/SiT: 3)
+    rg_all_channels: bool = False  # True: RG on z too (the official code)
 
     @property
     def uses_cfg(self) -> bool:
@@ -85,4 +87,6 @@ def guided_prediction(
         branch += 1
     if guidance.uses_rg:
         px = px + (guidance.rg_scale - 1.0) * (out_x[0] - out_x[branch])
+        if guidance.rg_all_channels and pz is not None:
+            pz = pz + (guidance.rg_scale - 1.0) * (out_z[0] - out_z[branch])
     return torch.cat([px, all_x[:n, c:]], dim=1), pz

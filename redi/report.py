@@ -29,6 +29,8 @@ HIDDEN = ("name", "tables", "train_dir", "grid", "curve")  # bookkeeping, not ta
 METRIC_COLUMNS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Prec.",
                   "recall": "Rec."}
 
+FUSION_LABELS = {"none": "-", "concat": "ReDi", "merged": "ReDi-MR", "separate": "ReDi-SP"}
+
 
 def load_runs(runs: str) -> list[dict]:
     """The runs argument: a JSON list, or the path of a file holding one."""
@@ -66,7 +68,7 @@ def run_record(run: dict) -> dict:
         shape = f" (d{m['depth']}, w{m['hidden_size']})" if custom else ""
         record.update({
             "model": f"{family}-{m['size']}/{m['patch']}{shape}",
-            "fusion": {"none": "-", "merged": "ReDi-MR", "separate": "ReDi-SP"}[m["fusion"]],
+            "fusion": FUSION_LABELS[m["fusion"]],
             "r": train["rank"] if m["fusion"] != "none" else None, "norm z": train["normalize_z"],
             "lambda": train["rep_weight"], "p_drop": train["rep_dropout"], "lr": train["lr"],
             "cond.": train["conditional"], "steps": run.get("step", train["steps"]),

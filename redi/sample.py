@@ -92,31 +92,47 @@ def load_trained(path: str | Path) -> SamplingModel:
 
 
 def load_official(path: str | Path, architecture: str) -> SamplingModel:
-    """An official DiT/SiT checkpoint: a flat state dict or a training checkpoint's 'ema' entry."""
+    """An official DiT/SiT or SiT-ReDi checkpoint: a flat state dict, or the 'ema' entry of a training
+    checkpoint (train_redi.py's holds its argparse.Namespace too, which the loader admits as data).
+
+    A ReDi checkpoint has the official `concat` layout: its patch embedding reads 4 + r channels,
+    so r = in_channels - 4; its head has 4 + r channels (x2 with a learned variance).
+    """
     match = ARCHITECTURE.match(architecture or "")
     if match is None:
         raise ReDiError(f"architecture must look like DiT-XL/2 or SiT-B/4, got {architecture!r}")
     family, size, patch = match.group(1), match.group(2), int(match.group(3))
     require_file(path, "checkpoint")
     try:
-        state = load_checkpoint(path)
-    except Exception as err:  # e.g. a training checkpoint holding an argparse.Namespace
-        raise ReDiError(f"{path} could not be loaded with weights_only=True ({type(err).__name__}); save its "
-                        f"'ema' state dict alone: torch.save(ckpt['ema'], 'ema.pt')") from err
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = load_checkpoint(path)
+    except Exception as err:
+        raise ReDiError(f"{path} could not be loaded with weights_only=True ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0]}); save its 'ema' state dict alone: "
+                        f"torch.save(ckpt['ema'], 'ema.pt')") from err
     state = state.get("ema", state) if isinstance(state, dict) else state
-    if "pos_embed" not in state:
-        raise ReDiError(f"{path} holds no DiT/SiT state dict (no pos_embed key)")
+    if not isinstance(state, dict) or "pos_embed" not in state or "x_embedder.proj.weight" not in state:
+        raise ReDiError(f"{path} holds no DiT/SiT state dict (no pos_embed / x_embedder.proj.weight key)")
+    # the REPA projector only serves training; sampling never reads it
+    state = {k: v for k, v in state.items() if not k.startswith("projector.")}
+    joint = state["x_embedder.proj.weight"].shape[1]
+    rank = joint - 4
     out_rows = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    if out_rows not in (joint, 2 * joint):
+        raise ReDiError(f"{path}: the head has {out_rows} channels per pixel, expected {joint} or "
+                        f"{2 * joint} for a patch embedding of {joint} channels")
     labels = state.get("y_embedder.embedding_table.weight")
     num_classes = labels.shape[0] - 1 if labels is not None else 0  # the last row is the null class
     model = build_model(size, patch, input_size=_input_size(state, patch), in_channels=4,
-                        learn_sigma=out_rows == 8, num_classes=num_classes)
+                        learn_sigma=out_rows == 2 * joint, num_classes=num_classes,
+                        fusion="concat" if rank > 0 else "none", rep_channels=max(rank, 0))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ReDiError(f"{path} does not fit {architecture}: {str(err).splitlines()[0]}") from err
     objective = "ddpm" if family == "DiT" else "interpolant"
-    return SamplingModel(model.eval(), objective, num_classes, None, None, f"official {architecture}")
+    name = f"official {architecture}" + (f" + ReDi (r = {rank}, concat)" if rank > 0 else "")
+    return SamplingModel(model.eval(), objective, num_classes, None, None, name)
 
 
 def _input_size(state: dict, patch: int) -> int:
@@ -129,7 +145,20 @@ def guidance_of(cfg: dict) -> Guidance:
     interval = (cfg["cfg_noise_low"], cfg["cfg_noise_high"])
     return Guidance(cfg["cfg_scale"], cfg["rg_scale"], cfg["cfg_channels"] == "all",
                     None if interval == (0.0, 1.0) else interval,
-                    3 if cfg["cfg_channels"] == "first3" else None)
+                    3 if cfg["cfg_channels"] == "first3" else None, cfg["rg_channels"] == "all")
+
+
+def sample_labels(indices: list[int], cfg: dict, num_classes: int, noise: PerSampleNoise) -> torch.Tensor:
+    """Class labels of the given samples: random (each from its own seed) or balanced.
+
+    balanced: sample i takes entry i of a seeded shuffle of (0, 1, ..., C-1, 0, 1, ...) of length
+    num_samples, so every class gets num_samples / C samples (+-1 when C does not divide it), and a
+    sample's label depends on (seed, num_samples, i) only, never on processes or batches.
+    """
+    if cfg["labels"] == "random":
+        return noise.integers(num_classes)
+    order = np.random.default_rng([cfg["seed"], cfg["num_samples"]]).permutation(cfg["num_samples"])
+    return torch.from_numpy(order[indices] % num_classes)
 
 
 def sample_seed(base: int, index: int) -> int:
@@ -149,16 +178,18 @@ def sampler_of(cfg: dict, objective: str) -> str:
 @torch.no_grad()
 def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.device,
              bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(latents, z or None, labels or None) of the given sample indices, on CPU in float32."""
+    """(latents, z on the token grid or None, labels or None) of the given samples, on CPU in float32."""
     model, guidance, sampler = sm.model, guidance_of(cfg), sampler_of(cfg, sm.objective)
     if guidance.uses_rg and model.fusion == "none":
-        raise ReDiError("sample.rg_scale needs a ReDi model (train.model.fusion merged or separate)")
+        raise ReDiError("sample.rg_scale needs a ReDi model (train.model.fusion concat, merged or separate)")
     if guidance.uses_rg and sm.rep_dropout is not None and sm.rep_dropout[0] == 0:
         raise ReDiError("sample.rg_scale needs the z-dropped branch trained: this model had "
                         "train.rep_dropout 0 (train with e.g. 0.2, mode sample)")
-    if guidance.uses_rg and sm.rep_dropout is not None and sm.rep_dropout[1] != "sample":
+    if (guidance.uses_rg and sm.rep_dropout is not None and sm.rep_dropout[1] != "sample"
+            and not guidance.rg_all_channels):
         raise ReDiError("sample.rg_scale feeds z_t = 0, which only train.rep_dropout_mode 'sample' trains; "
-                        "this model used 'batch_clean'")
+                        "this model used 'batch_clean' (sample.rg_channels: all asks for the official "
+                        "code's RG as it is)")
     if guidance.uses_cfg and sm.num_classes == 0:
         raise ReDiError("sample.cfg_scale needs a class-conditional model (train.conditional: true)")
     if guidance.uses_cfg and model.y_embedder.embedding_table.num_embeddings == sm.num_classes:
@@ -166,11 +197,11 @@ def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.dev
                         "(train.class_dropout: 0)")
     noise = PerSampleNoise([sample_seed(cfg["seed"], i) for i in indices])
     n, side = len(indices), model.grid_size * model.patch_size
-    y = noise.integers(sm.num_classes).to(device) if sm.num_classes else None
+    y = sample_labels(indices, cfg, sm.num_classes, noise).to(device) if sm.num_classes else None
     x = noise(torch.empty(n, model.in_channels, side, side, device=device))
     z = None
     if model.fusion != "none":
-        z = noise(torch.empty(n, model.rep_channels, model.grid_size, model.grid_size, device=device))
+        z = noise(torch.empty(n, model.rep_channels, model.rep_size, model.rep_size, device=device))
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma) if sm.objective == "ddpm" else None
 
     def predict(x, z, t):
@@ -188,7 +219,8 @@ def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.dev
         x, z = ddpm_sample(diffusion, predict, x, z, steps=cfg["steps"], noise=noise)
     else:
         x, z = ddim_sample(diffusion, predict, x, z, steps=cfg["steps"], eta=cfg["ddim_eta"], noise=noise)
-    return x.cpu(), None if z is None else z.cpu(), None if y is None else y.cpu()
+    z = None if z is None else model.representation_on_grid(z).cpu()  # concat: mean over each patch
+    return x.cpu(), z, None if y is None else y.cpu()
 
 
 @torch.no_grad()
@@ -294,9 +326,24 @@ def _save_png(path: Path, pixels: np.ndarray) -> None:
 
 # --- the stage ----------------------------------------------------------------------------------
 
+def representation_std(pca_path: str | Path, rank: int) -> torch.Tensor:
+    """Std of the first `rank` PCA channels (sqrt of their explained variance), to render z maps."""
+    from .pca import load_pca
+
+    variance = load_pca(pca_path)["explained_variance"]
+    if len(variance) < rank:
+        raise ReDiError(f"{pca_path} holds {len(variance)} principal components but the model generates "
+                        f"r = {rank}: give the PCA file the model was trained with")
+    return torch.from_numpy(np.sqrt(variance[:rank])).float()
+
+
 def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, device: str = "auto",
-           quiet: bool = False) -> dict | None:
-    """Generate cfg['num_samples'] images into out_dir (resumable); returns the manifest on rank 0."""
+           quiet: bool = False, pca: str | None = None) -> dict | None:
+    """Generate cfg['num_samples'] images into out_dir (resumable); returns the manifest on rank 0.
+
+    `pca` (optional): the PCA file of the model's representation; its rank is checked against the
+    model's r and, for an official checkpoint, its component stds scale the rendered z maps.
+    """
     start, out_dir = time.time(), Path(out_dir)
     rank, world, device = setup_distributed(device, timeout=timedelta(hours=24))  # ranks wait for shards
     bf16 = device.type == "cuda" and cfg["precision"] in ("bf16", "auto")
@@ -304,6 +351,9 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
         torch.backends.cuda.matmul.allow_tf32 = True
     sm = (load_official(checkpoint, cfg["architecture"]) if cfg["architecture"] else load_trained(checkpoint))
     sm.model.to(device)
+    if pca is not None and sm.model.fusion != "none":
+        std = representation_std(pca, sm.model.rep_channels)
+        sm.z_std = sm.z_std if sm.z_std is not None else std
     sampler_of(cfg, sm.objective)  # refuse a bad sampler before any work
     vae = load_encoder(vae_cfg["encoder"]["name"], vae_cfg["encoder"]["weights"], device, kind="vae")
     shards_dir = out_dir / "shards"
@@ -388,7 +438,7 @@ def _barrier(world: int) -> None:
 def run_stage(args: argparse.Namespace, cfg: dict) -> None:
     """`redi sample`."""
     try:
-        sample(cfg["sample"], cfg["latents"], args.checkpoint, args.out, args.device)
+        sample(cfg["sample"], cfg["latents"], args.checkpoint, args.out, args.device, pca=args.pca)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

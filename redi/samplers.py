@@ -57,10 +57,16 @@ def _step(state, velocity, dt):
 def ode_sample(
     predict: Predict, x: torch.Tensor, z: torch.Tensor | None, steps: int = 50, method: str = "heun"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Integrate dx/dt = v(x, t) from t = 0 (noise) to 1 (data) on a uniform grid."""
+    """Integrate dx/dt = v(x, t) from t = 0 (noise) to 1 (data) on a uniform grid of `steps` points.
+
+    `steps` counts grid points, as SiT's fixed-grid ODE (linspace(0, 1, num_steps)): steps - 1
+    intervals, i.e. steps - 1 model calls for Euler and 2 (steps - 1) for Heun.
+    """
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
-    times = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    if steps < 2:
+        raise ValueError(f"the ODE grid needs at least 2 points (steps >= 2), got {steps}")
+    times = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
     state = (x, z)
     for t0, t1 in zip(times[:-1], times[1:], strict=True):
         dt = float(t1 - t0)

@@ -1,5 +1,5 @@
 """Tests of the training objectives (redi.diffusion): DDPM schedule and VLB, the linear interpolant,
-and ReDi's joint loss (same t, independent noise, per-sample representation dropout, REPA).
+and ReDi's joint loss (same t, independent noise, representation dropout, the concat layout).
 
 Closed forms are written here independently of the package (float64 numpy); fake models return a
 known function of their inputs and record what they were fed.
@@ -64,7 +64,7 @@ class FakeModel(nn.Module):
         pz = None
         if z_t is not None:
             pz = self.z_fn(z_t, tt, x_t) if self.z_fn is not None else fake_z(z_t, tt, x_t)
-        return Prediction(px, pz, None)
+        return Prediction(px, pz)
 
 
 def fake_x(x_t, tt):
@@ -80,16 +80,16 @@ def fake_z(z_t, tt, x_t):
 
 
 class Recorder(nn.Module):
-    """Wraps a real model and records the arguments it was called with."""
+    """Wraps a real model (as `module`, like DDP) and records the arguments it was called with."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
-        self.inner, self.args = inner, None
+        self.module, self.args = inner, None
 
     def forward(self, x_t, t, y=None, z_t=None):
         self.args = (x_t.detach().clone(), t.detach().clone(), y,
                      None if z_t is None else z_t.detach().clone())
-        return self.inner(x_t, t, y, z_t)
+        return self.module(x_t, t, y, z_t)
 
 
 @pytest.fixture
@@ -113,9 +113,9 @@ def noise_of_shape(drawn: list[torch.Tensor], shape) -> torch.Tensor:
     return matches[0]
 
 
-def tiny_model(fusion="merged", **kwargs):
+def tiny_model(fusion="merged", rep_channels=4, **kwargs):
     return build_model("S", 2, input_size=8, depth=1, hidden_size=32, num_heads=2, num_classes=10,
-                       fusion=fusion, rep_channels=4, **kwargs)
+                       fusion=fusion, rep_channels=rep_channels, **kwargs)
 
 
 def randomise(model: nn.Module, seed: int = 0, std: float = 0.2) -> None:
@@ -521,7 +521,7 @@ def test_per_sample_rep_dropout(name, known_noise):
     ez = noise_of_shape(known_noise, z.shape)
     target = z - ez if name == "interpolant" else ez
     per_sample = ((rec["z_t"] - target) ** 2).flatten(1).mean(1)
-    expected = per_sample[~dropped].mean()
+    expected = per_sample[~dropped].sum() / n  # rep_dropout_norm "batch" (default): dropped count as 0
     assert losses["loss_z"].item() == pytest.approx(expected.item(), rel=1e-10)
     assert losses["loss_z"].item() < 100  # a dropped sample's error is ~1e6
     # loss_x is over every sample (dropout concerns only the representation)
@@ -571,8 +571,12 @@ def test_batch_clean_dropout(name, known_noise):
     torch.testing.assert_close(rec["z_t"], b * ez, rtol=0, atol=1e-13)  # clean part zero, noise kept
     assert not _dropped(rec["z_t"]).any()
     expected = ((fake_z(rec["z_t"], t.double().view(-1, 1, 1, 1), rec["x_t"]) - target) ** 2).mean()
-    assert losses["loss_z"].item() == pytest.approx(expected.item(), rel=1e-12)  # all samples count
+    assert losses["loss_z"].item() == pytest.approx(expected.item(), rel=1e-12)  # logged over all samples
+    assert losses["loss_z"].item() > 1e-3
     assert losses["rep_dropped"].item() == 1.0  # the whole batch's clean z was dropped
+    # official: a dropped batch has no z loss (lambda = 0), only the image terms
+    rest = sum(v for k, v in losses.items() if k in ("loss_x", "vb"))
+    assert losses["loss"].item() == pytest.approx(rest.item(), rel=1e-12)
 
     # p = 0: the clean z is kept
     known_noise.clear()
@@ -588,6 +592,132 @@ def test_batch_clean_dropout(name, known_noise):
     torch.testing.assert_close(model0.calls[0]["z_t"], a0 * z + b0 * ez0, rtol=0, atol=1e-13)
 
 
+def _hand_losses(name: str, x, z, t, ex, ez, drop: np.ndarray, learn_sigma: bool = False):
+    """Closed forms in float64 numpy of a FakeModel's per-sample losses, given t, the noises and the
+    per-sample mask of zeroed z_t ('sample' mode): (loss_x, per-sample z error, vb or None)."""
+    xn, zn, exn, ezn = (v.numpy() for v in (x, z, ex, ez))
+    tn = t.numpy().astype(np.float64).reshape(-1, 1, 1, 1)
+    if name == "interpolant":
+        a, b = tn, 1 - tn
+        target_x, target_z = xn - exn, zn - ezn
+    else:
+        abar = np_schedule()["abar"][t.numpy()].reshape(-1, 1, 1, 1)
+        a, b = np.sqrt(abar), np.sqrt(1 - abar)
+        target_x, target_z = exn, ezn
+    x_t, z_t = a * xn + b * exn, a * zn + b * ezn
+    z_t = np.where(drop.reshape(-1, 1, 1, 1), 0.0, z_t)
+    pred_x = 0.5 * x_t + 0.25 * tn / (1 + tn)  # fake_x
+    pred_z = -0.3 * z_t + 0.1 * tn / (1 + tn) + 0.2 * x_t.mean(axis=(1, 2, 3)).reshape(-1, 1, 1, 1)  # fake_z
+    loss_x = ((pred_x - target_x) ** 2).mean()
+    per_sample_z = ((pred_z - target_z) ** 2).reshape(len(xn), -1).mean(1)
+    vb = None
+    if learn_sigma:
+        out = torch.cat([torch.from_numpy(pred_x), torch.tanh(torch.from_numpy(x_t))], 1)
+        vb = GaussianDiffusion(learn_sigma=True).vb_terms_bpd(out, x, torch.from_numpy(x_t), t).mean().item()
+    return loss_x, per_sample_z, vb
+
+
+@pytest.mark.parametrize("name", ["interpolant", "ddpm"])
+@pytest.mark.parametrize("p_drop", [0.0, 1.0])
+def test_batch_clean_losses_by_hand(name, p_drop, known_noise, monkeypatch):
+    """Official batch dropout: p = 0 is the plain joint loss, loss_x (+ vb) + lambda * loss_z; p = 1
+    zeroes the clean z of the batch (z_t = b * eps_z) and the total is loss_x (+ vb) alone."""
+    learn_sigma, rep_weight = name == "ddpm", 2.5
+    obj = build_objective(name, rep_weight=rep_weight, rep_dropout=p_drop, rep_dropout_mode="batch_clean",
+                          **({"learn_sigma": True} if learn_sigma else {}))
+    x, z, y = _data(n=5, seed=40)
+    t = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.99], dtype=torch.float64) if name == "interpolant" else \
+        torch.tensor([0, 3, 250, 700, 999])
+    monkeypatch.setattr(obj, "sample_t", lambda n, device: t.clone())
+    model = FakeModel(x_out_channels=2 * x.shape[1] if learn_sigma else None)
+    losses = obj.loss(model, x, z, y)
+    ex, ez = noise_of_shape(known_noise, x.shape), noise_of_shape(known_noise, z.shape)
+    clean_z = z if p_drop == 0.0 else torch.zeros_like(z)
+    loss_x, per_sample_z, vb = _hand_losses(name, x, clean_z, t, ex, ez, np.zeros(5, bool), learn_sigma)
+    assert losses["loss_x"].item() == pytest.approx(loss_x, rel=1e-12)
+    assert losses["loss_z"].item() == pytest.approx(per_sample_z.mean(), rel=1e-12)
+    assert losses["rep_dropped"].item() == p_drop
+    image = loss_x + (vb if learn_sigma else 0.0)
+    if learn_sigma:
+        assert losses["vb"].item() == pytest.approx(vb, rel=1e-10)
+    expected = image + (rep_weight * per_sample_z.mean() if p_drop == 0.0 else 0.0)
+    assert losses["loss"].item() == pytest.approx(expected, rel=1e-10)
+    if p_drop == 1.0:  # the z input is the pure scaled noise, not 0
+        b = (1 - t.double()) if name == "interpolant" else torch.as_tensor(
+            np.sqrt(1 - np_schedule()["abar"][t.numpy()]))
+        torch.testing.assert_close(model.calls[0]["z_t"], b.view(-1, 1, 1, 1) * ez, rtol=0, atol=1e-13)
+
+
+def test_batch_clean_drops_whole_batches_with_probability_p(known_noise):
+    """p = 0.3: each call either drops the whole batch (z_t = (1 - t) eps_z, total = loss_x) or keeps
+    it all (z_t = t z + (1 - t) eps_z, total = loss_x + lambda * loss_z); ~p of the calls drop."""
+    obj = LinearInterpolant(rep_weight=1.5, rep_dropout=0.3, rep_dropout_mode="batch_clean")
+    x, z, y = _data(n=6, seed=41)
+    torch.manual_seed(42)
+    dropped, calls = 0, 400
+    for _ in range(calls):
+        known_noise.clear()
+        model = FakeModel()
+        losses = obj.loss(model, x, z, y)
+        rec = model.calls[0]
+        ez = noise_of_shape(known_noise, z.shape)
+        tt = rec["t"].double().view(-1, 1, 1, 1)
+        frac = losses["rep_dropped"].item()
+        assert frac in (0.0, 1.0)
+        if frac == 1.0:
+            dropped += 1
+            torch.testing.assert_close(rec["z_t"], (1 - tt) * ez, rtol=0, atol=1e-13)
+            assert losses["loss"].item() == pytest.approx(losses["loss_x"].item(), rel=1e-12)
+        else:
+            torch.testing.assert_close(rec["z_t"], tt * z + (1 - tt) * ez, rtol=0, atol=1e-13)
+            total = losses["loss_x"] + 1.5 * losses["loss_z"]
+            assert losses["loss"].item() == pytest.approx(total.item(), rel=1e-12)
+    sd = math.sqrt(0.3 * 0.7 / calls)
+    assert abs(dropped / calls - 0.3) < 4 * sd
+
+
+@pytest.mark.parametrize("name", ["interpolant", "ddpm"])
+@pytest.mark.parametrize("norm", ["batch", "kept"])
+def test_per_sample_dropout_normalisation_by_hand(name, norm, known_noise, monkeypatch):
+    """loss_z = sum over kept samples / N ("batch", official expectation lambda * (1 - p)) or / #kept
+    ("kept"), on a known mask, against numpy; the total is loss_x (+ vb) + lambda * loss_z."""
+    learn_sigma, rep_weight = name == "ddpm", 0.8
+    obj = build_objective(name, rep_weight=rep_weight, rep_dropout=0.5, rep_dropout_norm=norm,
+                          **({"learn_sigma": True} if learn_sigma else {}))
+    n = 6
+    x, z, y = _data(n=n, seed=43)
+    t = torch.tensor([0.1, 0.2, 0.45, 0.6, 0.75, 0.9], dtype=torch.float64) if name == "interpolant" else \
+        torch.tensor([1, 10, 200, 400, 800, 990])
+    drop = np.array([True, False, False, True, True, False])
+    monkeypatch.setattr(obj, "sample_t", lambda n, device: t.clone())
+    monkeypatch.setattr(obj, "drop_mask", lambda n, device: torch.from_numpy(drop.copy()))
+    model = FakeModel(x_out_channels=2 * x.shape[1] if learn_sigma else None)
+    losses = obj.loss(model, x, z, y)
+    ex, ez = noise_of_shape(known_noise, x.shape), noise_of_shape(known_noise, z.shape)
+    loss_x, per_sample_z, vb = _hand_losses(name, x, z, t, ex, ez, drop, learn_sigma)
+    kept_sum = per_sample_z[~drop].sum()
+    loss_z = kept_sum / n if norm == "batch" else kept_sum / (~drop).sum()
+    assert losses["loss_z"].item() == pytest.approx(loss_z, rel=1e-12)
+    assert losses["loss_x"].item() == pytest.approx(loss_x, rel=1e-12)
+    assert losses["rep_dropped"].item() == pytest.approx(drop.mean())
+    expected = loss_x + (vb if learn_sigma else 0.0) + rep_weight * loss_z
+    assert losses["loss"].item() == pytest.approx(expected, rel=1e-10)
+    assert torch.count_nonzero(model.calls[0]["z_t"][torch.from_numpy(drop)]) == 0
+    # the two norms differ by exactly #kept / N
+    ratio = (~drop).sum() / n
+    assert (loss_z * ratio if norm == "kept" else loss_z) == pytest.approx(kept_sum / n, rel=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["batch", "kept"])
+def test_per_sample_dropout_everything_dropped(norm, monkeypatch):
+    """All samples dropped: no z loss under either norm (no division by zero kept samples)."""
+    obj = LinearInterpolant(rep_dropout=1.0, rep_dropout_norm=norm, rep_weight=3.0)
+    x, z, y = _data(n=4, seed=44)
+    losses = obj.loss(FakeModel(), x, z, y)
+    assert losses["loss_z"].item() == 0.0 and losses["rep_dropped"].item() == 1.0
+    assert losses["loss"].item() == pytest.approx(losses["loss_x"].item(), rel=1e-15)
+
+
 def test_invalid_dropout_settings_raise():
     with pytest.raises(ValueError):
         LinearInterpolant(rep_dropout_mode="per_batch")
@@ -597,6 +727,8 @@ def test_invalid_dropout_settings_raise():
         LinearInterpolant(rep_dropout=1.5)
     with pytest.raises(ValueError):
         GaussianDiffusion(rep_dropout=-0.1)
+    with pytest.raises(ValueError, match="rep_dropout_norm must be one of"):
+        LinearInterpolant(rep_dropout_norm="samples")
 
 
 # === 6. gradients into both heads ===================================================================
@@ -637,62 +769,71 @@ def test_joint_loss_gradients_reach_both_branches(name, fusion):
     assert all(v > 0 for v in total.values())
 
 
-# === 7. REPA =========================================================================================
-
-
-@pytest.mark.parametrize("name", ["interpolant", "ddpm"])
-def test_repa_loss_is_negative_mean_cosine(name):
-    inner = tiny_model("merged", learn_sigma=name == "ddpm", repa_block=1, repa_dim=8, repa_projector_dim=16)
-    inner.eval()  # no label dropout: a second forward sees exactly the same conditioning
-    model = Recorder(inner)
-    obj = build_objective(name, repa_weight=0.5)
-    gen = torch.Generator().manual_seed(19)
+@pytest.mark.parametrize("name", ["ddpm", "interpolant"])
+def test_concat_loss_lives_at_the_latent_resolution(name, known_noise):
+    """concat: the grid z (N, r, G, G) is lifted to (N, r, H, W) before noising; its noise, z_t, target
+    and loss are at the latent resolution, and loss_z is the mean error of the model's eps_z there."""
+    learn_sigma = name == "ddpm"
+    inner = tiny_model("concat", rep_channels=3, learn_sigma=learn_sigma)  # r != C: noises told apart
+    randomise(inner, seed=45)
+    inner.eval()  # no label dropout: a second forward sees the same conditioning
+    model = Recorder(inner)  # wraps it as `module`, like DDP: the objective unwraps it to lift z
+    obj = build_objective(name, rep_weight=1.7)
+    gen = torch.Generator().manual_seed(46)
     x = torch.randn(3, 4, 8, 8, generator=gen)
-    z = torch.randn(3, 4, 4, 4, generator=gen)
+    z = torch.randn(3, 3, 4, 4, generator=gen)  # on the 4x4 token grid (patch 2)
     y = torch.randint(0, 10, (3,), generator=gen)
-    target = torch.randn(3, inner.x_embedder.num_patches, 8, generator=gen)
-    torch.manual_seed(5)
-    losses = obj.loss(model, x, z, y, repa_target=target)
+    losses = obj.loss(model, x, z, y)
+    x_t, t, _, z_t = model.args
+    assert z_t.shape == (3, 3, 8, 8)  # the latent's resolution, not the token grid
+    ez = noise_of_shape(known_noise, (3, 3, 8, 8))  # the z noise is drawn there too
+    assert not any(tuple(d.shape) == tuple(z.shape) for d in known_noise)
+    lifted = inner.lift_representation(z)
+    if name == "interpolant":
+        a, b = t.view(-1, 1, 1, 1), 1 - t.view(-1, 1, 1, 1)
+        target = lifted - ez
+    else:
+        abar = torch.as_tensor(np_schedule()["abar"])[t].float().view(-1, 1, 1, 1)
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+        target = ez
+    torch.testing.assert_close(z_t, a * lifted + b * ez, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        repa = inner(*model.args).repa
-    assert repa.shape == target.shape
-    cos = (repa * target).sum(-1) / (repa.norm(dim=-1) * target.norm(dim=-1))
-    assert losses["repa"].item() == pytest.approx(-cos.mean().item(), rel=1e-5, abs=1e-6)
-    parts = losses["loss_x"] + losses["loss_z"] + losses.get("vb", 0.0) + 0.5 * losses["repa"]
-    assert losses["loss"].item() == pytest.approx(parts.item(), rel=1e-6)
-
-    # repa_weight scales only the REPA term (same seed -> same draws)
-    torch.manual_seed(5)
-    heavy = build_objective(name, repa_weight=2.0).loss(model, x, z, y, repa_target=target)
-    torch.manual_seed(5)
-    off = build_objective(name, repa_weight=0.0).loss(model, x, z, y, repa_target=target)
-    for key in ("loss_x", "loss_z", "repa"):
-        assert heavy[key].item() == pytest.approx(losses[key].item(), rel=1e-6)
-    assert heavy["loss"].item() - off["loss"].item() == pytest.approx(2.0 * losses["repa"].item(), rel=1e-4)
-    # a float64 target is accepted (cast to the prediction's dtype)
-    torch.manual_seed(5)
-    as64 = obj.loss(model, x, z, y, repa_target=target.double())
-    assert as64["repa"].item() == pytest.approx(losses["repa"].item(), rel=1e-6)
+        pred = inner(x_t, t, y, z_t)
+    assert pred.z.shape == (3, 3, 8, 8)
+    loss_z = ((pred.z - target) ** 2).mean()
+    assert losses["loss_z"].item() == pytest.approx(loss_z.item(), rel=1e-5)
+    ex = noise_of_shape(known_noise, x.shape)
+    target_x = ex if name == "ddpm" else x - ex
+    assert losses["loss_x"].item() == pytest.approx(((pred.x[:, :4] - target_x) ** 2).mean().item(), rel=1e-5)
+    total = losses["loss_x"] + 1.7 * losses["loss_z"] + losses.get("vb", 0.0)
+    assert losses["loss"].item() == pytest.approx(total.item(), rel=1e-6)
 
 
-def test_repa_gradient_reaches_projector():
-    model = tiny_model("merged", learn_sigma=False, repa_block=1, repa_dim=8, repa_projector_dim=16)
-    gen = torch.Generator().manual_seed(20)
-    x, z = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 4, 4, generator=gen)
-    target = torch.randn(2, 16, 8, generator=gen)
-    losses = LinearInterpolant().loss(model, x, z, torch.tensor([1, 2]), repa_target=target)
-    (g,) = torch.autograd.grad(losses["repa"], [model.projector[-1].weight])
-    assert g.abs().sum() > 0
+@pytest.mark.parametrize("name", ["ddpm", "interpolant"])
+def test_concat_joint_loss_gradients_split_by_channel(name):
+    """concat has one head: loss_z trains its z rows only, loss_x its x (and variance) rows only."""
+    learn_sigma = name == "ddpm"
+    model = tiny_model("concat", rep_channels=3, learn_sigma=learn_sigma)
+    randomise(model, seed=47)
+    gen = torch.Generator().manual_seed(48)
+    x, z = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 3, 4, 4, generator=gen)
+    torch.manual_seed(7)
+    losses = build_objective(name).loss(model, x, z, torch.randint(0, 10, (4,), generator=gen))
+    weight = model.final_layer.linear.weight
+    channel = torch.arange(weight.shape[0]) % model.out_channels  # [x(4), z(3)] (+ [var_x(4), var_z(3)])
+    z_rows = (channel >= 4) & (channel < 7)
+    (gz,) = torch.autograd.grad(losses["loss_z"], [weight], retain_graph=True)
+    (gx,) = torch.autograd.grad(losses["loss_x"], [weight], retain_graph=True)
+    gz, gx = gz.abs().sum(1), gx.abs().sum(1)
+    assert (gz[z_rows] > 0).all() and not gz[~z_rows].any()
+    assert (gx[channel < 4] > 0).all() and not gx[~(channel < 4)].any()
+    if learn_sigma:  # the VLB trains the x variance rows; the z variance rows are unused
+        (gv,) = torch.autograd.grad(losses["vb"], [weight], retain_graph=True)
+        gv = gv.abs().sum(1)
+        assert (gv[(channel >= 7) & (channel < 11)] > 0).all() and not gv[channel >= 11].any()
 
 
-def test_repa_target_without_projector_raises():
-    model = tiny_model("merged", learn_sigma=False)
-    x, z = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4)
-    with pytest.raises(ValueError, match="projector"):
-        LinearInterpolant().loss(model, x, z, torch.tensor([0, 1]), repa_target=torch.randn(2, 16, 8))
-
-
-# === 8. build_objective and timestep laws ===========================================================
+# === 7. build_objective and timestep laws ===========================================================
 
 
 def test_build_objective():
@@ -700,11 +841,14 @@ def test_build_objective():
     ddpm = build_objective("ddpm", rep_weight=0.5, rep_dropout=0.2, learn_sigma=False)
     assert isinstance(ddpm, GaussianDiffusion)
     assert (ddpm.rep_weight, ddpm.rep_dropout, ddpm.learn_sigma) == (0.5, 0.2, False)
-    sit = build_objective("interpolant", repa_weight=0.25)
-    assert isinstance(sit, LinearInterpolant) and sit.repa_weight == 0.25
+    sit = build_objective("interpolant", rep_dropout_norm="kept")
+    assert isinstance(sit, LinearInterpolant) and sit.rep_dropout_norm == "kept"
     assert build_objective("ddpm").learn_sigma is True
     d = build_objective("interpolant")
-    assert (d.rep_weight, d.rep_dropout, d.rep_dropout_mode, d.repa_weight) == (1.0, 0.0, "sample", 0.5)
+    defaults = (d.rep_weight, d.rep_dropout, d.rep_dropout_mode, d.rep_dropout_norm)
+    assert defaults == (1.0, 0.0, "sample", "batch")
+    with pytest.raises(TypeError):  # REPA was removed: no weight to set
+        build_objective("interpolant", repa_weight=0.5)
     with pytest.raises(ValueError, match="unknown objective"):
         build_objective("edm")
 
@@ -730,5 +874,5 @@ def test_z_for_a_model_without_fusion_is_a_clear_error():
 
 
 def test_negative_loss_weights_are_rejected():
-    with pytest.raises(ValueError, match="rep_weight"):
+    with pytest.raises(ValueError, match=r"rep_weight \(the representation loss weight\) must be >= 0"):
         build_objective("interpolant", rep_weight=-1.0)

@@ -43,7 +43,7 @@ def inputs(model, device="cpu", n=1):
     y = torch.zeros(n, dtype=torch.long, device=device)
     z = None
     if model.fusion != "none":
-        z = torch.randn(n, model.rep_channels, model.grid_size, model.grid_size, generator=gen, device=device)
+        z = torch.randn(n, model.rep_channels, model.rep_size, model.rep_size, generator=gen, device=device)
     return x, t, y, z
 
 
@@ -77,8 +77,12 @@ def test_headline_numbers():
 @pytest.mark.parametrize("size", ["B", "XL"])
 def test_fusion_overheads(size):
     macs = {fusion: forward_macs(meta_model(size, 2, fusion)) for fusion in FUSIONS}
-    none, merged, separate = (macs[f]["total"] for f in FUSIONS)
+    none, concat, merged, separate = (macs[f]["total"] for f in FUSIONS)
     assert none < merged < none * 1.001  # merged: only the z embedding and the z head
+    assert none < concat < none * 1.001  # concat: r more input channels of the patch embedding and head
+    d, tokens, p = meta_model(size, 2).pos_embed.shape[-1], 256, 2
+    assert macs["concat"]["embed"] - macs["none"]["embed"] == tokens * R * p * p * d
+    assert "embed_z" not in macs["concat"] and "head_z" not in macs["concat"]
     assert 2.0 <= separate / none <= 2.2  # twice the tokens; attention four times
     # by part: the token-wise parts double, attention quadruples, the per-sample adaLN does not change
     for part in ("qkv_proj", "mlp"):
@@ -91,19 +95,12 @@ def test_fusion_overheads(size):
     assert "embed_z" not in macs["none"] and "head_z" not in macs["none"]
 
 
-def test_repa_projector_is_counted():
-    plain = forward_macs(meta_model("B", 2))
-    repa = forward_macs(meta_model("B", 2, repa_block=4, repa_dim=768, repa_projector_dim=2048))
-    assert repa["repa_projector"] == 256 * (768 * 2048 + 2048 * 2048 + 2048 * 768)
-    assert repa["total"] == plain["total"] + repa["repa_projector"]
-
-
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_measured_count_full_size_on_meta(fusion):
     """FlopCounterMode counts 2 FLOPs per MAC of every mm/addmm/bmm/conv. On the meta device (and with
     the math SDPA backend) attention is two bmm's, so the count must be exactly twice forward_macs:
-    here for DiT-XL/2 at 256 px with the REPA projector."""
-    model = meta_model("XL", 2, fusion, repa_block=8)
+    here for DiT-XL/2 at 256 px."""
+    model = meta_model("XL", 2, fusion)
     flops, _ = measured_flops(model, inputs(model, device="meta"), math_sdpa=True)
     assert flops == 2 * forward_macs(model)["total"]
 
@@ -111,8 +108,7 @@ def test_measured_count_full_size_on_meta(fusion):
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_measured_count_small_cpu_model(fusion):
     model = build_model("S", 2, depth=2, input_size=8, num_classes=10, fusion=fusion,
-                        rep_channels=R if fusion != "none" else 0, repa_block=1, repa_dim=32,
-                        repa_projector_dim=64).eval()
+                        rep_channels=R if fusion != "none" else 0).eval()
     macs = forward_macs(model)
     args = inputs(model)
 

@@ -1,4 +1,4 @@
-"""redi.models: DiT/SiT shapes, official checkpoint names, ReDi fusion, embeddings, REPA, checkpointing."""
+"""redi.models: DiT/SiT shapes, official checkpoint names, ReDi fusion, embeddings, checkpointing."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.
 
 
 def inputs(model: DiT, n: int = 2, seed: int = 0, dtype=torch.float32, device="cpu"):
-    """(x, t, y, z) for `model`; z is None for fusion none."""
+    """(x, t, y, z) for `model`; z is None for fusion none, else the model's z state (N, r, S, S),
+    S = model.rep_size (the latent's side for concat, the token grid's otherwise)."""
     size = model.grid_size * model.patch_size
     if device == "meta":
         gen = None
@@ -59,7 +60,7 @@ def inputs(model: DiT, n: int = 2, seed: int = 0, dtype=torch.float32, device="c
     t = torch.rand(n, generator=gen, device=device, dtype=dtype) * 1000
     y = torch.randint(0, max(model.num_classes, 1), (n,), generator=gen, device=device)
     y = y if model.num_classes > 0 else None
-    z = None if model.fusion == "none" else rand(n, model.rep_channels, model.grid_size, model.grid_size)
+    z = None if model.fusion == "none" else rand(n, model.rep_channels, model.rep_size, model.rep_size)
     return x, t, y, z
 
 
@@ -69,7 +70,7 @@ def inputs(model: DiT, n: int = 2, seed: int = 0, dtype=torch.float32, device="c
 def test_size_table_matches_papers():
     assert SIZES == {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
     assert PATCH_SIZES == (2, 4, 8)
-    assert FUSIONS == ("none", "merged", "separate")
+    assert FUSIONS == ("none", "concat", "merged", "separate")
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -81,29 +82,30 @@ def test_shapes_every_size_on_meta(size, patch, fusion):
     with torch.device("meta"):
         model = build_model(size, patch, fusion=fusion, rep_channels=R if fusion != "none" else 0)
     grid, tokens = 32 // patch, (32 // patch) ** 2
+    joint = 4 + R if fusion == "concat" else 4  # channels of one patch (and of the head, per sigma half)
     assert len(model.blocks) == depth
     assert model.blocks[0].attn.num_heads == heads
     assert model.blocks[0].attn.qkv.weight.shape == (3 * width, width)
     assert model.blocks[0].mlp.fc1.weight.shape == (4 * width, width)
-    assert model.x_embedder.proj.weight.shape == (width, 4, patch, patch)
+    assert model.x_embedder.proj.weight.shape == (width, joint, patch, patch)
     assert model.pos_embed.shape == (1, tokens, width)
-    assert model.final_layer.linear.weight.shape == (patch * patch * 8, width)
-    if fusion == "none":
+    assert model.final_layer.linear.weight.shape == (patch * patch * 2 * joint, width)
+    if fusion in ("none", "concat"):
         assert not hasattr(model, "z_embedder") and not hasattr(model, "final_layer_z")
     else:
         assert model.z_embedder.weight.shape == (width, R)
         assert model.final_layer_z.linear.weight.shape == (R, width)
     assert hasattr(model, "modality_embed") == (fusion == "separate")
+    assert model.rep_size == (32 if fusion == "concat" else grid)
 
     x, t, y, z = inputs(model, n=3, device="meta")
     pred = model(x, t, y, z)
-    assert isinstance(pred, Prediction)
+    assert isinstance(pred, Prediction) and len(pred) == 2
     assert pred.x.shape == (3, 8, 32, 32)
-    assert pred.repa is None
     if fusion == "none":
         assert pred.z is None
-    else:
-        assert pred.z.shape == (3, R, grid, grid)
+    else:  # concat: z at the latent resolution; merged / separate: on the token grid
+        assert pred.z.shape == (3, R, model.rep_size, model.rep_size)
 
 
 @pytest.mark.parametrize("learn_sigma", [True, False])
@@ -117,21 +119,24 @@ def test_shapes_real_small_s(patch, fusion, learn_sigma):
     x, t, y, z = inputs(model, n=2)
     with torch.no_grad():
         pred = model(x, t, y, z)
-    grid = 16 // patch
+    side = 16 if fusion == "concat" else 16 // patch
+    assert model.rep_size == side
     assert pred.x.shape == (2, 6 if learn_sigma else 3, 16, 16)
     assert torch.isfinite(pred.x).all()
     if fusion == "none":
         assert pred.z is None
     else:
-        assert pred.z.shape == (2, 5, grid, grid)
+        assert pred.z.shape == (2, 5, side, side)
         assert torch.isfinite(pred.z).all()
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_adaln_zero_init(fusion):
-    """At init every block is the identity and both heads output exactly zero (adaLN-Zero)."""
+    """At init every block is the identity and every head outputs exactly zero (adaLN-Zero)."""
     model = tiny(fusion=fusion).eval()
-    heads = [model.final_layer] + ([model.final_layer_z] if fusion != "none" else [])
+    separate_z_head = fusion in ("merged", "separate")  # none / concat: one head for everything
+    assert hasattr(model, "final_layer_z") == separate_z_head
+    heads = [model.final_layer] + ([model.final_layer_z] if separate_z_head else [])
     for layer in [*model.blocks, *heads]:
         assert not layer.adaLN_modulation[-1].weight.any() and not layer.adaLN_modulation[-1].bias.any()
     for head in heads:
@@ -151,14 +156,16 @@ def test_invalid_arguments():
         build_model("M", 2)
     with pytest.raises(ValueError):
         build_model("S", 3)
-    with pytest.raises(ValueError):
-        tiny(fusion="concat")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        tiny(fusion="channels")
+    with pytest.raises(ValueError, match="fusion='concat' needs rep_channels >= 1"):
+        tiny(fusion="concat", rep_channels=0)
+    with pytest.raises(ValueError, match="fusion='merged' needs rep_channels >= 1"):
         tiny(fusion="merged", rep_channels=0)
-    with pytest.raises(ValueError):
-        tiny(repa_block=0)
-    with pytest.raises(ValueError):
-        tiny(repa_block=3)  # depth 2
+    concat = tiny(fusion="concat")
+    x, t, y, _ = inputs(concat)
+    with pytest.raises(ValueError, match=r"z must have shape \(2, 8, 8, 8\)"):  # z on the token grid
+        concat(x, t, y, torch.zeros(2, R, concat.grid_size, concat.grid_size))
 
 
 # ---------------------------------------------------------------------- official checkpoint names
@@ -380,7 +387,7 @@ def block_input_lengths(model: DiT, *args) -> list[int]:
     return lengths
 
 
-@pytest.mark.parametrize("fusion, factor", [("none", 1), ("merged", 1), ("separate", 2)])
+@pytest.mark.parametrize("fusion, factor", [("none", 1), ("concat", 1), ("merged", 1), ("separate", 2)])
 def test_sequence_length(fusion, factor):
     model = tiny(fusion=fusion, input_size=16).eval()  # 8x8 = 64 tokens
     assert block_input_lengths(model, *inputs(model)) == [factor * 64]
@@ -414,11 +421,20 @@ def test_separate_z_is_separate_tokens():
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_input_tokens(fusion):
     """merged: x W_x + pos + z W_z; separate: [x W_x + pos + m_x ; z W_z + pos + m_z] (each half with the
-    position embedding and its own modality embedding)."""
+    position embedding and its own modality embedding); concat: one patch embedding of [x ; z] along
+    the channels, i.e. x W[:, :C] + z W[:, C:] + b + pos."""
     model = randomize(tiny(fusion=fusion), seed=12).eval()
     x, _, _, z = inputs(model)
     with torch.no_grad():
         h = model.embed(x, z)
+        if fusion == "concat":
+            w, b, p = model.x_embedder.proj.weight, model.x_embedder.proj.bias, model.patch_size
+            assert w.shape[1] == 4 + R
+            hxz = torch.nn.functional.conv2d(x, w[:, :4], b, stride=p)
+            hxz = hxz + torch.nn.functional.conv2d(z, w[:, 4:], None, stride=p)
+            torch.testing.assert_close(h, hxz.flatten(2).transpose(1, 2) + model.pos_embed)
+            assert not torch.allclose(h, model.embed(x, torch.zeros_like(z)))  # z moves the tokens
+            return
         hx = model.x_embedder.proj(x).flatten(2).transpose(1, 2) + model.pos_embed
         if fusion == "none":
             torch.testing.assert_close(h, hx)
@@ -433,23 +449,122 @@ def test_input_tokens(fusion):
                                                      hz + model.pos_embed + model.modality_embed[1]], 1))
 
 
-def test_token_order_of_x_and_z_agree():
-    """z[:, :, i, j] lands on the same token as the latent's patch (i, j): token i * G + j."""
-    model = randomize(tiny(patch_size=2, fusion="merged", input_size=8), seed=7).eval()
-    g = model.grid_size
+@pytest.mark.parametrize("fusion", ["merged", "concat"])
+def test_token_order_of_x_and_z_agree(fusion):
+    """z[:, :, i, j] (merged) or z's pixels of patch (i, j) (concat) land on the same token as the
+    latent's patch (i, j): token i * G + j."""
+    model = randomize(tiny(patch_size=2, fusion=fusion, input_size=8), seed=7).eval()
+    g, s = model.grid_size, model.rep_size // model.grid_size  # s: z pixels per token side
     x = torch.zeros(1, 4, 8, 8)
-    z = torch.zeros(1, R, g, g)
+    z = torch.zeros(1, R, model.rep_size, model.rep_size)
     with torch.no_grad():
         base = model.embed(x, z)
         for i, j in [(0, 1), (2, 3), (3, 0)]:
             x2 = x.clone()
             x2[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2] = 1.0
             z2 = z.clone()
-            z2[:, :, i, j] = 1.0
+            z2[:, :, s * i:s * i + s, s * j:s * j + s] = 1.0
             changed_x = (model.embed(x2, z) - base).abs().amax(dim=(0, 2)).nonzero().flatten().tolist()
             changed_z = (model.embed(x, z2) - base).abs().amax(dim=(0, 2)).nonzero().flatten().tolist()
             assert changed_x == [i * g + j]
             assert changed_z == [i * g + j]
+
+
+# ------------------------------------------------------------------------- concat (official layout)
+
+
+def np_bilinear_upsample(z: np.ndarray, size: int) -> np.ndarray:
+    """(N, C, G, G) -> (N, C, size, size): bilinear with half-pixel centres (align_corners=False):
+    output pixel i samples the input at (i + 0.5) * G / size - 0.5, clamped to [0, G - 1]."""
+    g = z.shape[-1]
+    src = np.clip((np.arange(size) + 0.5) * g / size - 0.5, 0, g - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, g - 1)
+    w = src - lo
+    rows = z[:, :, lo, :] * (1 - w)[:, None] + z[:, :, hi, :] * w[:, None]
+    return rows[..., lo] * (1 - w) + rows[..., hi] * w
+
+
+@pytest.mark.parametrize("patch", PATCH_SIZES)
+def test_concat_lifts_z_bilinearly_to_the_latent(patch):
+    model = tiny(patch_size=patch, input_size=16, fusion="concat")
+    g = 16 // patch
+    assert (model.grid_size, model.rep_size) == (g, 16)
+    z = torch.randn(2, R, g, g, generator=torch.Generator().manual_seed(30), dtype=torch.float64)
+    lifted = model.lift_representation(z)
+    assert lifted.shape == (2, R, 16, 16)
+    np.testing.assert_allclose(lifted.numpy(), np_bilinear_upsample(z.numpy(), 16), rtol=0, atol=1e-12)
+    # pinned by hand for patch 2 (factor 2): pixel 1 = 3/4 of cell 0 + 1/4 of cell 1, pixel 0 = cell 0
+    if patch == 2:
+        z00, z01 = z[0, 0, 0, 0].item(), z[0, 0, 0, 1].item()
+        assert lifted[0, 0, 0, 1].item() == pytest.approx(0.75 * z00 + 0.25 * z01)
+        assert lifted[0, 0, 0, 0].item() == pytest.approx(z[0, 0, 0, 0].item())
+    assert torch.equal(model.lift_representation(lifted), lifted)  # already at the latent resolution
+    merged = tiny(patch_size=patch, input_size=16, fusion="merged")
+    assert torch.equal(merged.lift_representation(z), z)  # other fusions keep z on the token grid
+
+
+@pytest.mark.parametrize("patch", PATCH_SIZES)
+def test_concat_representation_on_grid_is_the_patch_mean(patch):
+    model = tiny(patch_size=patch, input_size=16, fusion="concat")
+    g = model.grid_size
+    z = torch.randn(3, R, 16, 16, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
+    expected = z.numpy().reshape(3, R, g, patch, g, patch).mean(axis=(3, 5))
+    got = model.representation_on_grid(z)
+    assert got.shape == (3, R, g, g)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+    # a map constant on each patch survives the round trip grid -> latent -> grid only where the
+    # bilinear lift is exact: a constant map
+    const = torch.full((1, R, g, g), 0.7, dtype=torch.float64)
+    torch.testing.assert_close(model.representation_on_grid(model.lift_representation(const)), const)
+    small = torch.randn(1, R, g, g, dtype=torch.float64)
+    assert torch.equal(model.representation_on_grid(small), small)
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_concat_head_layout(learn_sigma):
+    """One head of p*p*(C + r) (x2) values per token: unpatchified channels [eps_x, eps_z (, var_x,
+    var_z)]; Prediction.x = [eps_x (, var_x)], Prediction.z = eps_z at the latent resolution."""
+    model = randomize(tiny(fusion="concat", learn_sigma=learn_sigma), seed=32).eval()
+    joint = 4 + R
+    assert model.out_channels == (2 * joint if learn_sigma else joint)
+    assert model.final_layer.linear.weight.shape == (4 * model.out_channels, 64)
+    captured = []
+    handle = model.final_layer.register_forward_hook(lambda _m, _a, out: captured.append(out))
+    x, t, y, z = inputs(model, n=3)
+    with torch.no_grad():
+        pred = model(x, t, y, z)
+    handle.remove()
+    tokens = captured[0]  # (N, T, p*p*out): unpatchify by hand
+    g, p, c = model.grid_size, model.patch_size, model.out_channels
+    full = torch.empty(3, c, g * p, g * p)
+    for i in range(g):
+        for j in range(g):
+            block = tokens[:, i * g + j].reshape(3, p, p, c)  # (row in patch, col in patch, channel)
+            full[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p] = block.permute(0, 3, 1, 2)
+    expected_x = torch.cat([full[:, :4], full[:, joint:joint + 4]], 1) if learn_sigma else full[:, :4]
+    torch.testing.assert_close(pred.x, expected_x, rtol=0, atol=0)
+    torch.testing.assert_close(pred.z, full[:, 4:joint], rtol=0, atol=0)
+    assert pred.z.abs().max() > 0 and pred.x.abs().max() > 0
+    with torch.no_grad():  # z = None is the dropped representation, z = 0
+        dropped, zero = model(x, t, y, None), model(x, t, y, torch.zeros_like(z))
+    torch.testing.assert_close(dropped.x, zero.x, rtol=0, atol=0)
+
+
+def test_concat_gradients_split_by_head_rows():
+    """loss on eps_z trains only the z rows of the one head (and reads z's input channels); loss on
+    eps_x only the x rows: row k of the head is channel k % (C + r) of a patch pixel."""
+    model = randomize(tiny(fusion="concat", learn_sigma=False), seed=33).train()
+    x, t, y, z = inputs(model)
+    joint = 4 + R
+    channel_of_row = torch.arange(model.final_layer.linear.weight.shape[0]) % joint
+    is_z_row = channel_of_row >= 4
+    for part, rows in (("z", is_z_row), ("x", ~is_z_row)):
+        model.zero_grad()
+        getattr(model(x, t, y, z), part).square().mean().backward()
+        grad = model.final_layer.linear.weight.grad.abs().sum(1)
+        assert (grad[rows] > 0).all() and not grad[~rows].any(), part
+        assert model.x_embedder.proj.weight.grad[:, 4:].abs().sum() > 0  # z's channels are read
 
 
 # ------------------------------------------------------------------------------- labels / uncond
@@ -567,9 +682,9 @@ def test_gradient_checkpointing_is_exact(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(dit_module, "checkpoint", counting_checkpoint)
-    plain = randomize(tiny(fusion="separate", repa_block=1, repa_dim=16, repa_projector_dim=32), seed=10)
+    plain = randomize(tiny(fusion="separate"), seed=10)
     plain = plain.double().train()
-    ckpt = tiny(fusion="separate", repa_block=1, repa_dim=16, repa_projector_dim=32, grad_checkpointing=True)
+    ckpt = tiny(fusion="separate", grad_checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
     ckpt = ckpt.double().train()
     x, t, y, z = inputs(plain, dtype=torch.float64)
@@ -577,7 +692,7 @@ def test_gradient_checkpointing_is_exact(monkeypatch):
     for model in (plain, ckpt):
         torch.manual_seed(123)  # same label dropout draw
         pred = model(x, t, y, z)
-        (pred.x.square().mean() + pred.z.square().mean() + pred.repa.square().mean()).backward()
+        (pred.x.square().mean() + pred.z.square().mean()).backward()
         results.append((pred, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     assert len(calls) == 2  # one per block, only for the checkpointed model
     (pa, ga), (pb, gb) = results
@@ -605,41 +720,3 @@ def test_unpatchify_layout(patch, learn_sigma):
             block = tokens[:, i * g + j].reshape(2, patch, patch, c)  # (row in patch, col in patch, channel)
             expected[:, :, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch] = block.permute(0, 3, 1, 2)
     assert torch.equal(model.unpatchify(tokens), expected)
-
-
-# ---------------------------------------------------------------------------------------- REPA
-
-
-@pytest.mark.parametrize("fusion", ["none", "separate"])
-def test_repa_projector_reads_block_k(fusion):
-    k = 2
-    model = randomize(tiny(depth=4, fusion=fusion, repa_block=k, repa_dim=24, repa_projector_dim=32),
-                      seed=11).eval()
-    x, t, y, z = inputs(model, n=3)
-    with torch.no_grad():
-        before = model(x, t, y, z)
-        assert before.repa.shape == (3, model.x_embedder.num_patches, 24)
-        model.blocks[k].mlp.fc1.weight.add_(0.5)  # block k+1 (1-indexed)
-        model.blocks[k].attn.qkv.weight.add_(0.5)
-        after = model(x, t, y, z)
-        assert torch.equal(after.repa, before.repa)
-        assert not torch.allclose(after.x, before.x)
-        model.blocks[k - 1].mlp.fc1.weight.add_(0.5)  # block k itself
-        assert not torch.allclose(model(x, t, y, z).repa, before.repa)
-    plain = tiny()
-    assert plain(*inputs(plain)[:3]).repa is None
-
-
-@pytest.mark.parametrize("fusion", FUSIONS)
-def test_repa_projects_the_x_tokens_after_block_k(fusion):
-    """repa = projector(h_k[:, :T]): the x tokens (first half under separate fusion) after block k."""
-    model = randomize(tiny(depth=3, fusion=fusion, repa_block=2, repa_dim=24, repa_projector_dim=32),
-                      seed=14).eval()
-    outputs = []
-    handle = model.blocks[1].register_forward_hook(lambda _m, _a, out: outputs.append(out))
-    with torch.no_grad():
-        pred = model(*inputs(model))
-        handle.remove()
-        tokens = model.x_embedder.num_patches
-        assert outputs[0].shape[1] == (2 if fusion == "separate" else 1) * tokens
-        torch.testing.assert_close(pred.repa, model.projector(outputs[0][:, :tokens]), rtol=0, atol=0)

@@ -89,13 +89,24 @@ def test_the_paper_grid_plans_offline(tmp_path):
     assert {"dit-b2", "dit-b2-redi-mr", "dit-b2-redi-sp", "dit-b2-r1", "dit-b2-r32", "sit-xl2-redi",
             "dit-xl2-uncond-redi-rg", "sit-xl2-redi-4m-cfg"} <= set(runs)
     assert runs["dit-b2-r4"]["train"]["rank"] == 4 and runs["dit-b2-r4"]["train"]["objective"] == "ddpm"
+    assert runs["sit-xl2-redi"]["train"]["model"]["fusion"] == "concat"  # the paper's runs: official layout
+    official = runs["official-sit-xl2-redi"]["sample"]
+    keys = ("sampler", "steps", "cfg_scale", "cfg_channels", "cfg_noise_low", "cfg_noise_high", "num_samples",
+            "labels")
+    assert [official[k] for k in keys] == ["sde", 250, 2.4, "image", 0.0, 1.0, 50000, "random"]
+    # the files a user downloads (released checkpoint, ADM's reference batch): empty stand-ins to plan
+    for name in (official["checkpoint"], config["evaluate"]["reference"]):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
     done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
                            str(tmp_path), "--configfile", str(REPO / "config" / "imagenet256.yaml"), "-n"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = done.stdout.split("Job stats:")[1].split("Reasons")[0]
-    trained = sum(1 for name, spec in runs.items() if spec["train_run"] == name)  # RG/CFG variants share
+    trained = sum(1 for name, spec in runs.items()  # RG/CFG variants share; official checkpoints need none
+                  if spec["train_run"] == name and not spec["sample"]["checkpoint"])
     counts = {line.split()[0]: int(line.split()[1]) for line in table.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert counts["train"] == trained and counts["sample"] == counts["evaluate"] == len(runs)
-    assert counts["report"] == 1 and counts["shard"] == 1
+    assert counts["report"] == 1 and counts["shard"] == 1 and counts["reference_stats"] == 1
+    assert "official-sit-xl2-redi" in done.stdout

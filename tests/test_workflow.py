@@ -122,8 +122,9 @@ def test_the_report_tables_hold_every_run(workflow_run):
     assert "| SiT baseline |" in tables and "| SiT + ReDi-MR |" in tables
     assert "@ 10" not in tables  # FID-vs-step points are plotted, not tabled
     runs = pd.read_csv(report / "runs.csv")
-    assert list(runs["name"]) == ["baseline", "redi", "redi-step10"]
-    assert list(runs["steps"]) == [20, 20, 10] and list(runs["curve"]) == ["baseline", "redi", "redi"]
+    assert list(runs["name"]) == ["baseline", "redi", "redi-concat", "redi-concat-rg", "redi-step10"]
+    assert list(runs["steps"]) == [20, 20, 20, 20, 10]
+    assert list(runs["curve"]) == ["baseline", "redi", "redi-concat", "redi-concat-rg", "redi"]
     assert runs["FID"].notna().all()
     assert "\\begin{tabular}" in (report / "tables.tex").read_text()
     for figure in ("grids.png", "fid_vs_step.png", "training.png"):
@@ -176,7 +177,7 @@ def test_rank_change_reruns_only_the_projection_and_training(workflow_run, tmp_p
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake(workflow_run, changed, "-n"))
-    assert jobs == {"project_features": 1, "train": 2, "sample": 3, "evaluate": 3, "report": 1, "all": 1}
+    assert jobs == {"project_features": 1, "train": 3, "sample": 5, "evaluate": 5, "report": 1, "all": 1}
 
 
 def test_speed_only_keys_rerun_nothing(workflow_run, tmp_path):

@@ -18,7 +18,8 @@ def forward_macs(model: DiT) -> dict[str, int]:
     d = model.pos_embed.shape[-1]
     t = model.x_embedder.num_patches
     seq = 2 * t if model.fusion == "separate" else t
-    p, c_in = model.patch_size, model.in_channels
+    p = model.patch_size
+    c_in = model.x_embedder.proj.in_channels  # with concat: latent + PCA channels
     mlp_hidden = model.blocks[0].mlp.fc1.out_features
     freq = model.t_embedder.frequency_embedding_size
     per_block = {
@@ -30,12 +31,9 @@ def forward_macs(model: DiT) -> dict[str, int]:
     macs = {name: len(model.blocks) * value for name, value in per_block.items()}
     macs["embed"] = t * c_in * p * p * d + freq * d + d * d
     macs["head_x"] = t * d * p * p * model.out_channels + 2 * d * d
-    if model.fusion != "none":
+    if model.fusion in ("merged", "separate"):
         r = model.rep_channels
         macs["embed_z"] = t * r * d
         macs["head_z"] = t * d * r + 2 * d * d
-    if model.repa_block is not None:
-        layers = [m for m in model.projector if hasattr(m, "in_features")]
-        macs["repa_projector"] = t * sum(m.in_features * m.out_features for m in layers)
     macs["total"] = sum(macs.values())
     return macs

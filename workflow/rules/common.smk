@@ -78,6 +78,7 @@ FOLDER = {
     "encode-latents": "latents",
     "extract-features": "features",
     "fit-pca": "pca",
+    "convert-pca": "pca",
     "project-features": "pca_features",
     "train": "train",
     "sample": "samples",
@@ -111,6 +112,7 @@ CODE = {
         "redi/data/reader.py",
     ],
     "fit-pca": ["redi/pca.py"],
+    "convert-pca": ["redi/official_pca.py", "redi/pca.py"],
     "project-features": [
         "redi/features.py",
         "redi/pca.py",
@@ -147,6 +149,15 @@ def uses_standin(section):
     return encoder["name"].startswith("standin-") and not encoder["weights"]
 
 
+def pca_stage():
+    """'convert-pca' when pca.official names the official PCA file, else 'fit-pca'."""
+    return "convert-pca" if config["pca"]["official"] else "fit-pca"
+
+
+def pca_file():
+    return f"{stage_dir(pca_stage())}/pca.npz"
+
+
 def cfg(run=None):
     """The config a stage reads: a run's (train/sample merged) or, for shared stages, the file's."""
     return RUNS[run] if run is not None else config
@@ -164,7 +175,8 @@ def upstream(stage, run=None):
         "encode-latents": ["shard"] + vae,
         "extract-features": ["shard"] + vit,
         "fit-pca": ["extract-features"],
-        "project-features": ["shard", "fit-pca"] + vit,
+        "convert-pca": [],
+        "project-features": ["shard", pca_stage()] + vit,
         "train": ["encode-latents", "project-features"],
         "sample": ([] if cfg(run)["sample"]["checkpoint"] else ["train"]) + vae,
         "convert-inception": [],
@@ -194,6 +206,8 @@ def version(stage, run=None):
             own["train_step"] = cfg(run)["sample"]["train_step"]
     if stage == "reference-stats":
         own["reference"] = config["evaluate"]["reference"]
+    if stage == "convert-pca":
+        own["official"] = config["pca"]["official"]
     inputs = [version(s, stage_run(s, run)) for s in upstream(stage, run)]
     return config_hash({"config": own, "inputs": inputs})[:8]
 

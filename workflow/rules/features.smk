@@ -28,29 +28,49 @@ rule extract_features:
         " --device {resources.device} > {log} 2>&1"
 
 
-rule fit_pca:
-    input:
-        rules.extract_features.output.features,
-    output:
-        pca=f"{stage_dir('fit-pca')}/pca.npz",
-        manifest=manifest("fit-pca"),
-    log:
-        log_file("fit-pca"),
-    benchmark:
-        benchmark_file("fit-pca")
-    priority: TRAINING_PRIORITY
-    conda:
-        CONDA_ENV
-    params:
-        code=code_version("fit-pca"),
-    shell:
-        "redi fit-pca --features {input} --out {output.pca} > {log} 2>&1"
+if config["pca"]["official"]:
+
+    rule convert_pca:
+        input:
+            config["pca"]["official"],
+        output:
+            pca=pca_file(),
+            manifest=manifest("convert-pca"),
+        log:
+            log_file("convert-pca"),
+        priority: TRAINING_PRIORITY
+        conda:
+            CONDA_ENV
+        params:
+            code=code_version("convert-pca"),
+        shell:
+            "redi convert-pca --official {input:q} --out {output.pca:q} > {log:q} 2>&1"
+
+else:
+
+    rule fit_pca:
+        input:
+            rules.extract_features.output.features,
+        output:
+            pca=pca_file(),
+            manifest=manifest("fit-pca"),
+        log:
+            log_file("fit-pca"),
+        benchmark:
+            benchmark_file("fit-pca")
+        priority: TRAINING_PRIORITY
+        conda:
+            CONDA_ENV
+        params:
+            code=code_version("fit-pca"),
+        shell:
+            "redi fit-pca --features {input} --out {output.pca} > {log} 2>&1"
 
 
 rule project_features:
     input:
         shards=manifest("shard"),
-        pca=rules.fit_pca.output.pca,
+        pca=pca_file(),
         standins=standin_input("features"),
     output:
         features=f"{stage_dir('project-features')}/pca_features.h5",
