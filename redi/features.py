@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .code_version import stage_code_version
 from .data.reader import iter_batches
 from .encoders import PatchFeatureEncoder, load_encoder, resolve_device
 from .errors import ReDiError
@@ -82,7 +83,7 @@ def extract_features(
         datasets={"tokens": ((tokens, encoder.dim), dtype), "index": ((), "int64"),
                   "labels": ((), "int64")},
         attrs={"grid": encoder.grid[0], "seed": seed, **provenance(shard_manifest, encoder)},
-        chunk_rows=16,
+        chunk_rows=16, code=stage_code_version("extract-features"),
     )
     todo = np.zeros(shards["num_samples"], dtype=bool)
     todo[sample[store.todo]] = True
@@ -137,6 +138,7 @@ def project_features(
         out_path, n,
         datasets={**{k: ((rank_max, gh, gw), dtype) for k in names}, "labels": ((), "int64")},
         attrs={"rank_max": rank_max, "flip": flip, "pca": pca_id, **provenance(shard_manifest, encoder)},
+        code=stage_code_version("project-features"),
     )
     todo = store.todo
     with tqdm(total=n, initial=n - int(todo.sum()), desc="project-features", unit="img") as bar:

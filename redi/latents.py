@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .code_version import stage_code_version
 from .data.reader import iter_batches
 from .encoders import LatentEncoder, load_encoder, resolve_device
 from .h5store import ResumableH5, provenance
@@ -43,6 +44,7 @@ def encode_latents(
         attrs={"scaling_factor": encoder.scaling_factor, "image_size": size, "flip": flip,
                "num_classes": shards["num_classes"],
                **provenance(shard_manifest, encoder)},
+        code=stage_code_version("encode-latents"),
     )
     todo = store.todo
     with tqdm(total=n, initial=n - int(todo.sum()), desc="encode-latents", unit="img") as bar:

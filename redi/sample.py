@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+import sys
 import tarfile
 import time
 import zipfile
@@ -32,13 +33,14 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from .code_version import stage_code_version
+from .config import identity
 from .diffusion import GaussianDiffusion
 from .encoders import LatentEncoder, load_encoder
 from .errors import ReDiError
 from .guidance import Guidance, guided_prediction
 from .io import (
     atomic_path,
-    code_fingerprint,
     config_hash,
     require_file,
     sha256_file,
@@ -357,9 +359,10 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
     sampler_of(cfg, sm.objective)  # refuse a bad sampler before any work
     vae = load_encoder(vae_cfg["encoder"]["name"], vae_cfg["encoder"]["weights"], device, kind="vae")
     shards_dir = out_dir / "shards"
-    what_makes_pixels = {k: v for k, v in cfg.items() if k != "batch_size"}
+    what_makes_pixels = identity({"sample": {k: v for k, v in cfg.items() if k != "batch_size"}})
     provenance = {"checkpoint_sha256": sha256_file(checkpoint), "vae": vae.weights_id,
-                  "config": config_hash(what_makes_pixels), "bf16": bf16, "code": code_fingerprint()}
+                  "config": config_hash(what_makes_pixels), "bf16": bf16,
+                  "code": stage_code_version("sample")}
     if rank == 0:
         _discard_stale_shards(shards_dir, provenance)
     _barrier(world)
@@ -423,7 +426,8 @@ def _discard_stale_shards(shards_dir: Path, provenance: dict) -> None:
         old = json.loads(record.read_text())
     stale = sorted(shards_dir.glob("shard-*.tar")) if old != provenance else []
     if stale:
-        print(f"sample: removing {len(stale)} shards made from another checkpoint/VAE/config in {shards_dir}")
+        print(f"sample: removing {len(stale)} shards made from another checkpoint/VAE/config/code in "
+              f"{shards_dir}", file=sys.stderr, flush=True)
         for path in stale:
             path.unlink()
     shards_dir.mkdir(parents=True, exist_ok=True)
