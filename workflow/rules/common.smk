@@ -28,6 +28,35 @@ if not workflow.overwrite_configfiles:
     config.update(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
     update_config(config, overrides)
 
+
+def typed(value):
+    """A nested --config value (Snakemake reads those as YAML strings) with its YAML types back."""
+    if isinstance(value, dict):
+        return {key: typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    if not isinstance(value, str) or not value:
+        return value
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str) and re.fullmatch(
+        r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed
+    ):
+        return float(
+            parsed
+        )  # 1e-3: YAML 1.1 reads an exponent without a dot as a string
+    return parsed
+
+
+# `--config 'train={steps: 10}'` (a dotted key, train.steps=10, is refused by Snakemake itself)
+update_config(
+    config,
+    {
+        key: typed(value)
+        for key, value in workflow.config_settings.config.items()
+        if isinstance(value, (dict, list))
+    },
+)
+
 try:
     config.update(validate_config(config, source="config"))  # fills every default
 except ConfigError as err:
