@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parent  # the redi/ folder
 
 # Plumbing left out of every stage's code version, and not followed: the CLI (flag parsing, the
 # stage table), config validation and defaults, atomic writes and manifests, the error classes and
-# the package's own __init__ (its version string). They move values and bytes, not maths: what they
-# pass a stage is its flags, which are hashed as config (so a changed default still reruns), while
-# including them would rerun days of ImageNet encoding for a new option or a reworded message.
-PLUMBING = frozenset({"redi", "redi.cli", "redi.config", "redi.io", "redi.errors"})
+# the package's own __init__ (its version string), and progress reporting. They move values and bytes,
+# not maths: what they pass a stage is its flags, which are hashed as config (so a changed default
+# still reruns), while including them would rerun days of ImageNet encoding for a new option, a
+# reworded message or a progress line.
+PLUMBING = frozenset({"redi", "redi.cli", "redi.config", "redi.io", "redi.errors", "redi.progress"})
 
 
 def _source_file(module: str, root: Path = ROOT) -> Path | None:

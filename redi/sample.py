@@ -31,7 +31,6 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from .code_version import stage_code_version
 from .config import identity
@@ -48,6 +47,7 @@ from .io import (
     write_manifest,
 )
 from .models import DiT, build_model
+from .progress import progress
 from .runs import SAMPLERS
 from .samplers import PerSampleNoise, ddim_sample, ddpm_sample, ode_sample, sde_sample
 from .train import SNAPSHOTS, build_run, load_checkpoint, setup_distributed
@@ -374,7 +374,7 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
         dist.broadcast_object_list(todo, src=0)
     mine = todo[0][rank::world]
     total = sum(min(size, n - k * size) for k in mine)
-    bar = tqdm(total=total, desc=f"sample (rank {rank})" if world > 1 else "sample", unit="img",
+    bar = progress(total=total, desc=f"sample (rank {rank})" if world > 1 else "sample", unit="img",
                disable=quiet)
     for k in mine:
         indices = list(range(k * size, min(n, (k + 1) * size)))

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from .cli import RESOURCE_KEYS
 from .code_version import stage_code_version
@@ -36,6 +35,7 @@ from .diffusion import build_objective
 from .errors import ReDiError
 from .io import atomic_path, write_manifest
 from .models import build_model
+from .progress import progress
 
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
@@ -254,7 +254,7 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
         if rank == 0:
             save_checkpoint(out_dir, state, cfg["keep_checkpoints"])
 
-    bar = tqdm(total=cfg["steps"], initial=step, desc="train", unit="step", disable=rank != 0 or quiet)
+    bar = progress(total=cfg["steps"], initial=step, desc="train", unit="step", disable=rank != 0 or quiet)
     try:
         window_start, window_images = time.time(), 0
         while step < cfg["steps"]:
