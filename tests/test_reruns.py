@@ -141,3 +141,17 @@ def test_bare_snakemake_uses_the_default_profile(tmp_path):
     assert f"Provided cores: {os.cpu_count()}" in out  # cores: all
     # show-failed-logs: the stage's one-line error is printed, not only written to logs/
     assert f"redi shard: error: input folder not found: {tmp_path / 'none'}" in out
+
+
+def test_nested_config_overrides_as_yaml_mappings(tmp_path):
+    args = ["-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+            str(REPO / "config" / "ci.yaml"), "-n"]
+    out = snakemake(REPO, *args, "--config", "train={steps: 12, lr: 1e-3}", "sample={cfg_scale: 1.5}",
+                    cwd=tmp_path)
+    trains = re.findall(r"redi train .*", out)
+    assert trains and all("--steps 12 " in line and "--lr 0.001 " in line for line in trains)
+    assert all("--model-depth 2 " in line for line in trains)  # merged into the file's section
+    assert all("--cfg-scale 1.5 " in line for line in re.findall(r"redi sample .*", out))
+    # a dotted key is refused by Snakemake itself, as config/README.md says
+    refused = snakemake(REPO, *args, "--config", "train.steps=12", cwd=tmp_path, check=False)
+    assert "Config entry must start with a valid identifier" in refused
