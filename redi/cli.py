@@ -152,6 +152,11 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
 }
 
 
+def runner_module(stage: str) -> str:
+    """The module whose runner `redi <stage>` calls (its imports make the stage's code version)."""
+    return _STAGES[stage][2].split(":")[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="redi", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")

@@ -16,6 +16,7 @@ from jsonschema import validators
 from .errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+BASELINE_PATH = Path(__file__).with_name("config.baseline.yaml")
 _JSON_TYPES = {
     "integer": "an integer", "number": "a number", "string": "a string",
     "boolean": "true or false", "array": "a list", "object": "a mapping", "null": "null",
@@ -95,6 +96,48 @@ def load_config(path: str | Path) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return validate_config(raw or {}, source=str(path))
+
+
+# --- the config as result versions hash it -----------------------------------------------------
+
+@cache
+def load_baseline() -> dict[str, Any]:
+    """Each key's baseline: the value that reproduces what the workflow did before the key existed."""
+    return yaml.safe_load(BASELINE_PATH.read_text())
+
+
+def schema_defaults() -> dict[str, Any]:
+    """Every config key's current default, by dotted name (dataset.name, which has none, left out)."""
+    defaults = validate_config({"dataset": {"name": "NAME"}})
+    out = {}
+    for section, node in load_schema()["properties"].items():
+        for path, _ in _leaves(node):
+            value: Any = defaults[section]
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            out[".".join((section, *path))] = value
+    del out["dataset.name"]
+    return out
+
+
+def identity(values: dict, prefix: str = "") -> dict:
+    """`values` (sections of a config) less the keys at their baseline value: what versions hash.
+
+    So a release that adds a key whose default reproduces the old behaviour (baseline = default)
+    keeps every existing version, while a changed default (baseline stays) gives a new one.
+    """
+    baseline = load_baseline()
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if name in baseline:
+            if value != baseline[name]:
+                out[key] = value
+        elif isinstance(value, dict):
+            out[key] = identity(value, f"{name}.")
+        else:
+            out[key] = value
+    return out
 
 
 # --- CLI flags generated from the schema: one flag per config key -------------------------------

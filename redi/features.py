@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from .code_version import stage_code_version
 from .data.reader import iter_batches
 from .encoders import PatchFeatureEncoder, load_encoder, resolve_device
 from .errors import ReDiError
 from .h5store import ResumableH5, provenance
 from .io import read_manifest, write_manifest
 from .pca import load_pca, project
+from .progress import progress
 
 
 def class_counts(shard_manifest: dict) -> list[int]:
@@ -82,12 +83,12 @@ def extract_features(
         datasets={"tokens": ((tokens, encoder.dim), dtype), "index": ((), "int64"),
                   "labels": ((), "int64")},
         attrs={"grid": encoder.grid[0], "seed": seed, **provenance(shard_manifest, encoder)},
-        chunk_rows=16,
+        chunk_rows=16, code=stage_code_version("extract-features"),
     )
     todo = np.zeros(shards["num_samples"], dtype=bool)
     todo[sample[store.todo]] = True
     done_before = len(sample) - int(todo.sum())
-    with tqdm(total=len(sample), initial=done_before, desc="extract-features", unit="img") as bar:
+    with progress(total=len(sample), initial=done_before, desc="extract-features", unit="img") as bar:
         for idx, images, labels in iter_batches(shard_manifest, batch_size, workers, todo):
             feats = encoder(images).cpu().numpy().astype(dtype)
             store.write(row_of[idx.numpy()], tokens=feats, index=idx.numpy(), labels=labels.numpy())
@@ -137,9 +138,10 @@ def project_features(
         out_path, n,
         datasets={**{k: ((rank_max, gh, gw), dtype) for k in names}, "labels": ((), "int64")},
         attrs={"rank_max": rank_max, "flip": flip, "pca": pca_id, **provenance(shard_manifest, encoder)},
+        code=stage_code_version("project-features"),
     )
     todo = store.todo
-    with tqdm(total=n, initial=n - int(todo.sum()), desc="project-features", unit="img") as bar:
+    with progress(total=n, initial=n - int(todo.sum()), desc="project-features", unit="img") as bar:
         for idx, images, labels in iter_batches(shard_manifest, batch_size, workers, todo):
             views = {"z": images, "z_flip": torch.flip(images, dims=[2]) if flip else None}
             out = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import h5py
 import numpy as np
 
 from .errors import ReDiError
-from .io import code_fingerprint, sha256_file
+from .io import sha256_file
 
 
 class ResumableH5:
@@ -18,19 +19,22 @@ class ResumableH5:
 
     Every dataset has `num_rows` rows; a boolean `done` dataset records the rows written. A rerun
     opens the same `.partial` file and only the rows not done remain in `todo`. `attrs` are the
-    settings the rows depend on (the code's fingerprint is added): a partial file made with other
-    settings or other code is refused, not mixed.
+    settings the rows depend on: a partial file made with other settings is refused, not mixed.
+    `code` is the writing stage's code version (redi.code_version): a partial file written by
+    other code is removed and started afresh, with a line saying so.
     """
 
     def __init__(
         self, path: str | os.PathLike, num_rows: int,
         datasets: dict[str, tuple[tuple[int, ...], str]], attrs: dict[str, Any],
-        chunk_rows: int = 64,
+        chunk_rows: int = 64, *, code: str,
     ):
-        attrs = {**attrs, "code_fingerprint": code_fingerprint()}
+        attrs = {**attrs, "code_version": code}
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.partial.exists():
+            self._discard_other_code(code)
         if self.partial.exists():
             self.file = h5py.File(self.partial, "a")
             self._check_same(num_rows, datasets, attrs)
@@ -41,6 +45,14 @@ class ResumableH5:
                 self.file.create_dataset(name, (num_rows, *shape), dtype=dtype, chunks=chunks)
             self.file.create_dataset("done", (num_rows,), dtype=bool)
             self.file.attrs.update({k: _attr(v) for k, v in attrs.items()})
+
+    def _discard_other_code(self, code: str) -> None:
+        with h5py.File(self.partial, "r") as f:
+            old = f.attrs.get("code_version")
+        if old != code:
+            self.partial.unlink()
+            print(f"{self.partial}: written by code {old or '(unrecorded)'}, this is {code}; "
+                  f"removed, starting over", file=sys.stderr, flush=True)
 
     def _check_same(self, num_rows, datasets, attrs) -> None:
         expected = {n: ((num_rows, *s), np.dtype(d)) for n, (s, d) in datasets.items()}

@@ -77,14 +77,6 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def code_fingerprint() -> str:
-    """Hash of the installed redi sources: a partial output made by other code is not resumed."""
-    digest = hashlib.sha256()
-    for file in sorted(Path(__file__).parent.rglob("*.py")):
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def git_revision() -> str | None:
     """The git revision of the package checkout, or None when not installed from git."""
     try:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from .code_version import stage_code_version
 from .data.reader import iter_batches
 from .encoders import LatentEncoder, load_encoder, resolve_device
 from .h5store import ResumableH5, provenance
 from .io import read_manifest, write_manifest
+from .progress import progress
 
 
 def encode_latents(
@@ -43,9 +44,10 @@ def encode_latents(
         attrs={"scaling_factor": encoder.scaling_factor, "image_size": size, "flip": flip,
                "num_classes": shards["num_classes"],
                **provenance(shard_manifest, encoder)},
+        code=stage_code_version("encode-latents"),
     )
     todo = store.todo
-    with tqdm(total=n, initial=n - int(todo.sum()), desc="encode-latents", unit="img") as bar:
+    with progress(total=n, initial=n - int(todo.sum()), desc="encode-latents", unit="img") as bar:
         for idx, images, labels in iter_batches(shard_manifest, batch_size, workers, todo):
             out = dict(zip(("mean", "std"), encoder(images), strict=True))
             if flip:

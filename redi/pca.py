@@ -14,9 +14,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from .io import require_file, write_manifest, write_npz
+from .progress import progress
 
 
 class MomentAccumulator:
@@ -114,7 +114,7 @@ def fit_pca_file(
     with h5py.File(require_file(features_path, "features file"), "r") as f:
         _, tokens, dim = f["tokens"].shape
     rows = max(1, (1 << 20) // (tokens * dim))  # ~1M values per chunk: a few float64 copies, ~30 MB
-    pca = fit_pca(tqdm(iter_token_chunks(features_path, rows), desc="fit-pca", unit="chunk"), dim)
+    pca = fit_pca(progress(iter_token_chunks(features_path, rows), desc="fit-pca", unit="chunk"), dim)
     save_pca(out_path, pca)
     ratio = np.cumsum(pca["explained_variance_ratio"])
     return write_manifest(

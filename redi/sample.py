@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+import sys
 import tarfile
 import time
 import zipfile
@@ -30,15 +31,15 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
+from .code_version import stage_code_version
+from .config import identity
 from .diffusion import GaussianDiffusion
 from .encoders import LatentEncoder, load_encoder
 from .errors import ReDiError
 from .guidance import Guidance, guided_prediction
 from .io import (
     atomic_path,
-    code_fingerprint,
     config_hash,
     require_file,
     sha256_file,
@@ -46,6 +47,7 @@ from .io import (
     write_manifest,
 )
 from .models import DiT, build_model
+from .progress import progress
 from .runs import SAMPLERS
 from .samplers import PerSampleNoise, ddim_sample, ddpm_sample, ode_sample, sde_sample
 from .train import SNAPSHOTS, build_run, load_checkpoint, setup_distributed
@@ -357,9 +359,10 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
     sampler_of(cfg, sm.objective)  # refuse a bad sampler before any work
     vae = load_encoder(vae_cfg["encoder"]["name"], vae_cfg["encoder"]["weights"], device, kind="vae")
     shards_dir = out_dir / "shards"
-    what_makes_pixels = {k: v for k, v in cfg.items() if k != "batch_size"}
+    what_makes_pixels = identity({"sample": {k: v for k, v in cfg.items() if k != "batch_size"}})
     provenance = {"checkpoint_sha256": sha256_file(checkpoint), "vae": vae.weights_id,
-                  "config": config_hash(what_makes_pixels), "bf16": bf16, "code": code_fingerprint()}
+                  "config": config_hash(what_makes_pixels), "bf16": bf16,
+                  "code": stage_code_version("sample")}
     if rank == 0:
         _discard_stale_shards(shards_dir, provenance)
     _barrier(world)
@@ -371,7 +374,7 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
         dist.broadcast_object_list(todo, src=0)
     mine = todo[0][rank::world]
     total = sum(min(size, n - k * size) for k in mine)
-    bar = tqdm(total=total, desc=f"sample (rank {rank})" if world > 1 else "sample", unit="img",
+    bar = progress(total=total, desc=f"sample (rank {rank})" if world > 1 else "sample", unit="img",
                disable=quiet)
     for k in mine:
         indices = list(range(k * size, min(n, (k + 1) * size)))
@@ -423,7 +426,8 @@ def _discard_stale_shards(shards_dir: Path, provenance: dict) -> None:
         old = json.loads(record.read_text())
     stale = sorted(shards_dir.glob("shard-*.tar")) if old != provenance else []
     if stale:
-        print(f"sample: removing {len(stale)} shards made from another checkpoint/VAE/config in {shards_dir}")
+        print(f"sample: removing {len(stale)} shards made from another checkpoint/VAE/config/code in "
+              f"{shards_dir}", file=sys.stderr, flush=True)
         for path in stale:
             path.unlink()
     shards_dir.mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from timm.models import save_for_hf
 from torch import nn
-from tqdm import tqdm
 
 from .data.reader import iter_batches
 from .io import atomic_dir, read_manifest, write_manifest
+from .progress import progress
 
 
 def load_all_images(manifest_path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +70,7 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
 def _optimise(model, loss_of, lr, weight_decay, steps, n, cfg, generator, name) -> dict:
     """AdamW on `loss_of(batch_indices) -> (loss, shown)` for `steps` steps; returns the last `shown`."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    bar = tqdm(_batches(n, cfg["batch_size"], steps, generator), total=steps,
+    bar = progress(_batches(n, cfg["batch_size"], steps, generator), total=steps,
                desc=f"stand-in {name}", unit="step")
     for batch in bar:
         loss, shown = loss_of(batch)

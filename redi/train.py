@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -24,15 +25,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from .cli import RESOURCE_KEYS
+from .code_version import stage_code_version
+from .config import load_baseline
 from .data.training_data import TrainingData, stream_seed
 from .devices import resolve_device
 from .diffusion import build_objective
 from .errors import ReDiError
 from .io import atomic_path, write_manifest
 from .models import build_model
+from .progress import progress
 
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
@@ -201,9 +204,15 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                             fused=device.type == "cuda")
     step, metrics_path = 0, out_dir / "metrics.jsonl"
+    code = stage_code_version("train")
     resume = latest_checkpoint(out_dir)
-    if resume is not None:
-        state = load_checkpoint(resume)
+    state = load_checkpoint(resume) if resume is not None else None
+    if state is not None and state.get("code_version") != code:
+        if rank == 0:
+            _set_aside(out_dir, state.get("code_version"), code)
+        _barrier(world)
+        resume = state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -233,18 +242,19 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
         else:
             gathered_rng, gathered_data = [rng_state(device)], [data.state_dict()]
         return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "step": step, "rng": gathered_rng, "data": gathered_data, "config": cfg}
+                "step": step, "rng": gathered_rng, "data": gathered_data, "config": cfg,
+                "code_version": code}
 
     def sampling_state() -> dict:
         return {"ema": ema.state_dict(), "step": step, "config": cfg, "num_classes": data.num_classes,
-                "scaling_factor": data.scaling_factor, "z_std": data.z_std}
+                "scaling_factor": data.scaling_factor, "z_std": data.z_std, "code_version": code}
 
     def save() -> None:
         state = checkpoint_state()  # every rank joins the gathers
         if rank == 0:
             save_checkpoint(out_dir, state, cfg["keep_checkpoints"])
 
-    bar = tqdm(total=cfg["steps"], initial=step, desc="train", unit="step", disable=rank != 0 or quiet)
+    bar = progress(total=cfg["steps"], initial=step, desc="train", unit="step", disable=rank != 0 or quiet)
     try:
         window_start, window_images = time.time(), 0
         while step < cfg["steps"]:
@@ -329,14 +339,36 @@ def _non_finite(loss, grad_norm, step: int, index: torch.Tensor, rank: int, out_
         f"{latest_checkpoint(out_dir) or 'none yet'}")
 
 
+def _set_aside(out_dir: Path, old: str | None, new: str) -> None:
+    """Move checkpoints written by other train code to checkpoints/code-<version>/, saying why."""
+    aside = out_dir / CHECKPOINTS / f"code-{old or 'unrecorded'}"
+    aside.mkdir(parents=True, exist_ok=True)
+    found = sorted((out_dir / CHECKPOINTS).glob("step-*.pt"))
+    for path in found:
+        os.replace(path, aside / path.name)
+    print(f"train: not resuming: {len(found)} checkpoint(s) in {out_dir / CHECKPOINTS} were written by train "
+          f"code {old or '(unrecorded)'}, this is {new}; moved to {aside}, starting from step 0",
+          file=sys.stderr, flush=True)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Result-changing train keys that differ between a checkpoint's config and this run's."""
+    """Result-changing train keys that differ between a checkpoint's config and this run's.
+
+    A key the checkpoint lacks (written before the key existed) counts as its baseline value, so
+    the checkpoint resumes when the key keeps the old behaviour.
+    """
+    baseline = load_baseline()
     free = {"steps", *RESOURCE_KEYS["train"]}
     changed = []
     for key in sorted(set(old) | set(new)):
         if not prefix and key in free:
             continue
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, baseline.get(f"train.{prefix}{key}")), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed += _changed_keys(a, b, f"{prefix}{key}.")
         elif a != b:

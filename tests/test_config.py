@@ -347,3 +347,24 @@ def test_config_from_args_validates_flag_values():
     namespace = argparse.Namespace(configfile=None, **{"pca.rank_max": 0})
     with pytest.raises(ConfigError, match="pca.rank_max"):
         config_from_args(namespace, ["pca"])
+
+
+def test_every_key_has_a_baseline_and_no_baseline_is_stale():
+    from redi.config import load_baseline, schema_defaults
+
+    defaults, baseline = schema_defaults(), load_baseline()
+    missing = sorted(set(defaults) - set(baseline))
+    assert not missing, f"add to redi/config.baseline.yaml the value that keeps the old behaviour: {missing}"
+    assert not sorted(set(baseline) - set(defaults)), "baseline lines for keys the schema no longer has"
+
+
+def test_identity_leaves_out_keys_at_their_baseline_only():
+    from redi.config import identity, load_baseline
+
+    baseline = load_baseline()
+    values = {"train": {"lr": baseline["train.lr"], "steps": 7,
+                        "model": {"size": baseline["train.model.size"], "depth": 3}},
+              "latents": {"encoder": {"name": "standin-vae", "weights": baseline["latents.encoder.weights"]}},
+              "checkpoint": None}
+    assert identity(values) == {"train": {"steps": 7, "model": {"depth": 3}},
+                                "latents": {"encoder": {"name": "standin-vae"}}, "checkpoint": None}

@@ -187,10 +187,14 @@ def test_unknown_encoder_lists_registered_names():
     assert set(ENCODERS) >= {"sd-vae", "standin-vae", "dinov2-vitb14-reg4", "standin-vit"}
 
 
-@pytest.mark.parametrize("name", ["standin-vae", "standin-vit"])
-def test_standin_without_weights(name):
-    with pytest.raises(ReDiError, match="needs weights"):
+@pytest.mark.parametrize("name, key", [("standin-vae", "latents"), ("standin-vit", "features")])
+def test_standin_without_weights_names_the_key_to_set(name, key, tmp_path):
+    with pytest.raises(ReDiError, match=f"needs weights: set {key}.encoder.weights to a folder"):
         load_encoder(name, None)
+    with pytest.raises(ReDiError, match=f"no such local path; set {key}.encoder.weights"):
+        load_encoder(name, str(tmp_path / "missing"))
+    with pytest.raises(ReDiError, match=rf"offline\? set {key}.encoder.weights to a local path"):
+        load_encoder("sd-vae" if key == "latents" else "dinov2-vitb14-reg4", "nobody/no-such-model")
 
 
 def test_single_file_without_architecture_is_a_redi_error(dinov2):

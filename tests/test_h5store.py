@@ -17,8 +17,9 @@ def reference(n: int = N) -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((n, 3, 2)).astype(np.float32), rng.integers(0, 1000, n)
 
 
-def open_store(path, n=N, datasets=None, attrs=None, chunk_rows=8) -> ResumableH5:
-    return ResumableH5(path, n, datasets or DATASETS, ATTRS if attrs is None else attrs, chunk_rows)
+def open_store(path, n=N, datasets=None, attrs=None, chunk_rows=8, code="code-a") -> ResumableH5:
+    attrs = ATTRS if attrs is None else attrs
+    return ResumableH5(path, n, datasets or DATASETS, attrs, chunk_rows, code=code)
 
 
 def shuffled_batches(rows: np.ndarray, seed: int, size: int = 7) -> list[np.ndarray]:
@@ -176,10 +177,16 @@ def test_finish_extra_replaces_extra_of_an_earlier_failed_finish(tmp_path):
         np.testing.assert_array_equal(f["stats"][:], np.arange(3.0))
 
 
-def test_partial_made_by_other_code_is_refused(tmp_path, monkeypatch):
-    store = open_store(tmp_path / "out.h5")
-    store.write(np.arange(5), x=reference()[0][:5], label=reference()[1][:5])
+def test_partial_made_by_other_code_is_started_over(tmp_path, capsys):
+    x, label = reference()
+    store = open_store(tmp_path / "out.h5", code="code-a")
+    store.write(np.arange(5), x=x[:5], label=label[:5])
     store.close()
-    monkeypatch.setattr("redi.h5store.code_fingerprint", lambda: "other-code")
-    with pytest.raises(ReDiError, match="delete"):
-        open_store(tmp_path / "out.h5")
+    store = open_store(tmp_path / "out.h5", code="code-b")
+    assert "written by code code-a, this is code-b; removed, starting over" in capsys.readouterr().err
+    assert store.todo.all()  # no row of the other code's file is kept
+    store.write(np.arange(N), x=x, label=label)
+    store.finish()
+    with h5py.File(tmp_path / "out.h5") as f:
+        assert f.attrs["code_version"] == "code-b"
+        np.testing.assert_array_equal(f["x"][:], x)

@@ -1,6 +1,7 @@
 """`redi sample`: loading runs and official checkpoints, sharded resumable generation, ADM npz."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 from conftest import write_tiny_vae
 from PIL import Image
 
+from redi.code_version import stage_code_version
 from redi.config import validate_config
 from redi.encoders import load_encoder
 from redi.errors import ReDiError
@@ -121,6 +123,22 @@ def test_shards_from_another_checkpoint_are_not_reused(tmp_path, run, vae_dir):
     other = save_run(tmp_path / "other.pt", seed=5)
     sample(cfg, vae_config(vae_dir), str(other), tmp_path, "cpu", quiet=True)
     assert not np.array_equal(np.load(tmp_path / "samples.npz")["arr_0"], first)
+
+
+def test_shards_of_other_sample_code_are_not_reused(tmp_path, run, vae_dir, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    cfg = sample_config(num_samples=4)
+    monkeypatch.setattr("redi.sample.stage_code_version", lambda stage: "0123456789ab")
+    sample(cfg, vae_config(vae_dir), str(run), tmp_path, "cpu", quiet=True)
+    monkeypatch.undo()
+    shards = sorted((tmp_path / "shards").glob("shard-*.tar"))
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    sample(cfg, vae_config(vae_dir), str(run), tmp_path, "cpu", quiet=True)
+    err = capsys.readouterr().err
+    assert f"removing {len(shards)} shards made from another checkpoint/VAE/config/code" in err
+    assert all(p.stat().st_mtime_ns != stamps[p] for p in shards)  # every shard made again
+    provenance = json.loads((tmp_path / "shards" / "provenance.json").read_text())
+    assert provenance["code"] == stage_code_version("sample")
 
 
 def test_sample_i_depends_on_seed_and_i_only(run):

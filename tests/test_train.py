@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from redi import cli
+from redi.code_version import stage_code_version
 from redi.config import validate_config
 from redi.data.training_data import TrainingData
 from redi.errors import ReDiError
@@ -625,6 +626,41 @@ def test_resume_with_changed_settings_is_refused_but_more_steps_are_fine(inputs,
         train(train_cfg(steps=6, ckpt_every=2, lr=2e-3), *inputs, out, "cpu", quiet=True)
     manifest = train(train_cfg(steps=6, ckpt_every=3, log_every=2), *inputs, out, "cpu", quiet=True)
     assert manifest["steps"] == 6
+
+
+def test_checkpoints_of_other_train_code_are_set_aside_and_training_starts_over(inputs, tmp_path, monkeypatch,
+                                                                                 capsys):
+    out = tmp_path / "run"
+    monkeypatch.setattr("redi.train.stage_code_version", lambda stage: "0123456789ab")
+    train(train_cfg(steps=4, ckpt_every=2), *inputs, out, "cpu", quiet=True)
+    monkeypatch.undo()
+    assert load(out / "checkpoints" / "step-000000004.pt")["code_version"] == "0123456789ab"
+    train(train_cfg(steps=6, ckpt_every=2), *inputs, out, "cpu", quiet=True)
+    err = capsys.readouterr().err
+    assert "not resuming" in err and "train code 0123456789ab" in err and "starting from step 0" in err
+    aside = out / "checkpoints" / "code-0123456789ab"
+    assert sorted(p.name for p in aside.iterdir()) == ["step-000000002.pt", "step-000000004.pt"]
+    # it trained steps 1..6 afresh: the same weights and metrics as a run into an empty folder
+    fresh = tmp_path / "fresh"
+    train(train_cfg(steps=6, ckpt_every=2), *inputs, fresh, "cpu", quiet=True)
+    assert_same_state(load(out / "final.pt")["ema"], load(fresh / "final.pt")["ema"])
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 7))
+    assert load(out / "final.pt")["code_version"] == stage_code_version("train")
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_if_the_key_keeps_the_old_behaviour(inputs, tmp_path):
+    out = tmp_path / "run"
+    train(train_cfg(steps=4, ckpt_every=2), *inputs, out, "cpu", quiet=True)
+    path = out / "checkpoints" / "step-000000004.pt"
+    state = load(path)
+    del state["config"]["grad_clip"]  # as if written before train.grad_clip existed (baseline 0.0)
+    torch.save(state, path)
+    with pytest.raises(ReDiError, match=r"other settings \(train\.grad_clip: 0\.0 -> 1\.0\)"):
+        train(train_cfg(steps=6, ckpt_every=2, grad_clip=1.0), *inputs, out, "cpu", quiet=True)
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    assert train(train_cfg(steps=6, ckpt_every=2), *inputs, out, "cpu", quiet=True)["steps"] == 6
+    after = (out / "metrics.jsonl").read_text().splitlines()  # resumed: lines 1-4 (with timings) kept
+    assert after[:4] == before and [json.loads(r)["step"] for r in after] == list(range(1, 7))
 
 
 def test_a_torn_metrics_line_does_not_block_resume(inputs, tmp_path):

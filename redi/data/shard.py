@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..errors import ReDiError
 from ..io import write_manifest
+from ..progress import progress
 from .crop import adm_center_crop
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -110,7 +111,7 @@ def write_shards(
     with Pool(workers) if workers > 0 else _InProcess() as pool:
         results = pool.imap(load_cropped_png, jobs, chunksize=16)
         for (path, label), (png, reason) in zip(
-            items, tqdm(results, total=len(items), desc="shard", unit="img"), strict=True
+            items, progress(results, total=len(items), desc="shard", unit="img"), strict=True
         ):
             if png is None:
                 skipped.append({"path": str(path), "reason": reason})

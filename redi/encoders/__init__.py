@@ -51,17 +51,23 @@ def load_encoder(
 
     `kind` ("vae" or "vit") is what the calling stage needs; another kind is refused by name.
     """
+    needed = kind or (ENCODERS[name].kind if name in ENCODERS else None)
+    section = {"vae": "latents", "vit": "features"}.get(needed, "")
+    key = f"{section}.encoder" if section else "the encoder"  # the config keys that choose it
     if name not in ENCODERS:
-        raise ReDiError(f"unknown encoder '{name}'; registered: {', '.join(ENCODERS)}")
+        raise ReDiError(f"unknown encoder '{name}' (set {key}.name); registered: {', '.join(ENCODERS)}")
     spec = ENCODERS[name]
     if kind is not None and spec.kind != kind:
         wanted = [n for n, s in ENCODERS.items() if s.kind == kind]
-        raise ReDiError(f"encoder '{name}' is a {spec.kind}; this stage needs one of: {', '.join(wanted)}")
+        raise ReDiError(f"encoder '{name}' is a {spec.kind}; this stage needs one of: {', '.join(wanted)} "
+                        f"(set {key}.name)")
     weights = weights or spec.default_weights
     if weights is None:
-        raise ReDiError(f"encoder '{name}' needs weights: a folder made by train-standin-{spec.kind}")
+        raise ReDiError(f"encoder '{name}' needs weights: set {key}.weights to a folder made by "
+                        f"train-standin-{spec.kind}")
     if is_local(weights) and not Path(weights).expanduser().exists():
-        raise ReDiError(f"weights not found: {weights} (encoder '{name}'; no such local path)")
+        raise ReDiError(f"weights not found: {weights} (encoder '{name}'; no such local path; "
+                        f"set {key}.weights)")
     try:
         if spec.kind == "vae":
             encoder = LatentEncoder(load_vae(weights))
@@ -70,11 +76,12 @@ def load_encoder(
     except Exception as err:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if is_local(weights):
-            message = f"could not load encoder '{name}' from local weights '{weights}': {reason}"
+            message = (f"could not load encoder '{name}' from local weights '{weights}' "
+                       f"({key}.weights): {reason}")
             raise ReDiError(message) from err
         raise ReDiError(
             f"could not load encoder '{name}' from hub id '{weights}' (no such local path either; "
-            f"offline? pass a local path): {reason}") from err
+            f"offline? set {key}.weights to a local path): {reason}") from err
     # what made the outputs: resumed files refuse rows made with other weights
     encoder.weights_id = f"{name}:{fingerprint(weights) if is_local(weights) else weights}"
     return encoder.to(device).eval()

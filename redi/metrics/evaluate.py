@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ..data.reader import iter_batches
 from ..devices import resolve_device
 from ..errors import ReDiError
 from ..io import atomic_path, fingerprint, read_manifest, require_file, write_json, write_manifest, write_npz
+from ..progress import progress
 from .inception import NO_LOGITS, InceptionFeatures, convert_tf_inception, fid_helper_torchscript
 from .scores import frechet_distance, gaussian_stats, inception_score, precision_recall
 
@@ -131,7 +131,7 @@ def extract(inception: InceptionFeatures, batches: Iterator[np.ndarray], total: 
             device: str | torch.device = "cpu", desc: str = "inception") -> dict[str, np.ndarray]:
     """Concatenated Inception features of all batches (uint8 NHWC in)."""
     parts: dict[str, list[np.ndarray]] = {}
-    with tqdm(total=total, desc=desc, unit="img") as bar:
+    with progress(total=total, desc=desc, unit="img") as bar:
         for images in batches:
             x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)
             for key, value in inception(x).items():

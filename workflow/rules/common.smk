@@ -1,5 +1,4 @@
 # Config validation, versioned result paths, CLI flags and code versions shared by all rules.
-import hashlib
 import os
 import re
 import shlex
@@ -10,7 +9,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, update_config
 
 from redi.cli import RESOURCE_KEYS, STAGE_KEYS, stage_config
-from redi.config import flag_name
+from redi.code_version import stage_code_version
+from redi.config import flag_name, identity
 from redi.config import validate_config
 from redi.errors import ConfigError
 from redi.io import config_hash
@@ -27,6 +27,35 @@ if not workflow.overwrite_configfiles:
     config.clear()
     config.update(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
     update_config(config, overrides)
+
+
+def typed(value):
+    """A nested --config value (Snakemake reads those as YAML strings) with its YAML types back."""
+    if isinstance(value, dict):
+        return {key: typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    if not isinstance(value, str) or not value:
+        return value
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str) and re.fullmatch(
+        r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed
+    ):
+        return float(
+            parsed
+        )  # 1e-3: YAML 1.1 reads an exponent without a dot as a string
+    return parsed
+
+
+# `--config 'train={steps: 10}'` (a dotted key, train.steps=10, is refused by Snakemake itself)
+update_config(
+    config,
+    {
+        key: typed(value)
+        for key, value in workflow.config_settings.config.items()
+        if isinstance(value, (dict, list))
+    },
+)
 
 try:
     config.update(validate_config(config, source="config"))  # fills every default
@@ -88,60 +117,6 @@ FOLDER = {
     "report": "report",
 }
 
-# The redi modules each stage runs (its CLI runner lives in the first): editing one reruns that
-# stage and its descendants. Plumbing shared by all (cli.py, config.py, io.py) is left out on
-# purpose, so a new stage or option does not rerun days of ImageNet encoding; a change there that
-# alters a stage's inputs shows up in its flags, which are params too.
-CODE = {
-    "demo-data": ["redi/data/demo.py"],
-    "shard": ["redi/data/shard.py", "redi/data/crop.py"],
-    "train-standin-vae": ["redi/standins.py", "redi/data/reader.py"],
-    "train-standin-vit": ["redi/standins.py", "redi/data/reader.py"],
-    "encode-latents": [
-        "redi/latents.py",
-        "redi/encoders/__init__.py",
-        "redi/encoders/vae.py",
-        "redi/h5store.py",
-        "redi/data/reader.py",
-    ],
-    "extract-features": [
-        "redi/features.py",
-        "redi/encoders/__init__.py",
-        "redi/encoders/vit.py",
-        "redi/h5store.py",
-        "redi/data/reader.py",
-    ],
-    "fit-pca": ["redi/pca.py"],
-    "convert-pca": ["redi/official_pca.py", "redi/pca.py"],
-    "project-features": [
-        "redi/features.py",
-        "redi/pca.py",
-        "redi/encoders/__init__.py",
-        "redi/encoders/vit.py",
-        "redi/h5store.py",
-        "redi/data/reader.py",
-    ],
-    "train": [
-        "redi/train.py",
-        "redi/data/training_data.py",
-        "redi/models",
-        "redi/diffusion",
-    ],
-    "sample": [
-        "redi/sample.py",
-        "redi/samplers.py",
-        "redi/guidance.py",
-        "redi/models",
-        "redi/diffusion",
-        "redi/encoders/__init__.py",
-        "redi/encoders/vae.py",
-    ],
-    "convert-inception": ["redi/metrics/inception.py", "redi/metrics/evaluate.py"],
-    "reference-stats": ["redi/metrics", "redi/data/reader.py"],
-    "evaluate": ["redi/metrics"],
-    "report": ["redi/report.py"],
-}
-
 
 def uses_standin(section):
     """True when the section's encoder is a stand-in the workflow must train (no weights given)."""
@@ -189,10 +164,13 @@ def upstream(stage, run=None):
 
 
 def version(stage, run=None):
-    """Hash of the stage's result-changing config keys and of its inputs' versions.
+    """Hash of the stage's result-changing config keys, its code and its inputs' versions.
 
-    Changing a key gives the stage (and its descendants) a new folder, so earlier results stay
-    and switching back costs nothing; code edits rerun a stage in place (see code_version).
+    Changing a key or the code the stage runs (redi/code_version.py: comments, docstrings and
+    formatting do not count) gives the stage and its descendants a new folder, so earlier results
+    stay and switching back costs nothing. Keys at their baseline value are left out (see
+    identity in redi/config.py), so a new option whose default keeps the old behaviour reruns
+    nothing.
     """
     if stage == "report":
         return report_version()
@@ -209,7 +187,8 @@ def version(stage, run=None):
     if stage == "convert-pca":
         own["official"] = config["pca"]["official"]
     inputs = [version(s, stage_run(s, run)) for s in upstream(stage, run)]
-    return config_hash({"config": own, "inputs": inputs})[:8]
+    code = stage_code_version(stage)
+    return config_hash({"config": identity(own), "code": code, "inputs": inputs})[:8]
 
 
 def stage_run(stage, run):
@@ -225,7 +204,7 @@ def report_version():
         name: [version("evaluate", name), spec["label"], spec["tables"], spec["curve"]]
         for name, spec in RUNS.items()
     }
-    return config_hash(runs)[:8]
+    return config_hash({"runs": runs, "code": stage_code_version("report")})[:8]
 
 
 def converts_inception():
@@ -295,17 +274,6 @@ def checked(stage, make):
         return make(wildcards)
 
     return inputs
-
-
-def code_version(stage):
-    """sha256 over the source files a stage runs (Snakemake's code trigger sees only the shell line)."""
-    digest = hashlib.sha256()
-    for entry in CODE[stage]:
-        path = REPO / entry
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(file.relative_to(REPO).as_posix().encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def _flags(values, prefix=()):

@@ -11,7 +11,6 @@ rule demo_data:
     params:
         out=output_dir,
         flags=cli_flags("demo-data"),
-        code=code_version("demo-data"),
     shell:
         "redi demo-data --out {params.out} {params.flags} > {log} 2>&1"
 
@@ -34,7 +33,6 @@ rule shard:
         root=config["dataset"]["root"] or f"{stage_dir('demo-data')}/images",
         out=output_dir,
         flags=cli_flags("shard"),
-        code=code_version("shard"),
     shell:
         "redi shard --input {params.root:q} --out {params.out} {params.flags} {resources.speed} > {log} 2>&1"
 
@@ -55,7 +53,6 @@ rule train_standin_vae:
     params:
         out=output_dir,
         flags=cli_flags("train-standin-vae"),
-        code=code_version("train-standin-vae"),
     shell:
         "redi train-standin-vae --shards {input} --out {params.out} {params.flags} > {log} 2>&1"
 
@@ -76,7 +73,6 @@ rule train_standin_vit:
     params:
         out=output_dir,
         flags=cli_flags("train-standin-vit"),
-        code=code_version("train-standin-vit"),
     shell:
         "redi train-standin-vit --shards {input} --out {params.out} {params.flags} > {log} 2>&1"
 
@@ -101,7 +97,6 @@ rule encode_latents:
         device=config["device"],
     params:
         flags=encoder_flags("encode-latents", "latents"),
-        code=code_version("encode-latents"),
     shell:
         "redi encode-latents --shards {input.shards} --out {output.latents} {params.flags}"
         " {resources.speed}"

@@ -9,8 +9,6 @@ rule convert_inception:
         log_file("convert-inception"),
     conda:
         CONDA_ENV
-    params:
-        code=code_version("convert-inception"),
     shell:
         "redi convert-inception --out {output.weights} > {log} 2>&1"
 
@@ -34,7 +32,6 @@ rule reference_stats:
         device=config["device"],
     params:
         flags=inception_flags("reference-stats"),
-        code=code_version("reference-stats"),
     shell:
         "redi reference-stats --source {input.source} --out {output.reference} {params.flags}"
         " {resources.speed} --device {resources.device} > {log} 2>&1"
@@ -66,7 +63,6 @@ rule evaluate:
         device=config["device"],
     params:
         flags=lambda w: inception_flags("evaluate", w.run),
-        code=code_version("evaluate"),
     shell:
         "redi evaluate --reference {input.reference} --samples {input.samples} --out {output.metrics}"
         " {params.flags} {resources.speed} --device {resources.device} > {log} 2>&1"
@@ -105,6 +101,5 @@ rule report:
     params:
         out=output_dir,
         runs=report_runs(),
-        code=code_version("report"),
     shell:
         "redi report --runs {params.runs} --out {params.out} > {log} 2>&1"

@@ -21,7 +21,6 @@ rule extract_features:
         device=config["device"],
     params:
         flags=encoder_flags("extract-features", "features"),
-        code=code_version("extract-features"),
     shell:
         "redi extract-features --shards {input.shards} --out {output.features} {params.flags}"
         " {resources.speed}"
@@ -41,8 +40,6 @@ if config["pca"]["official"]:
         priority: TRAINING_PRIORITY
         conda:
             CONDA_ENV
-        params:
-            code=code_version("convert-pca"),
         shell:
             "redi convert-pca --official {input:q} --out {output.pca:q} > {log:q} 2>&1"
 
@@ -61,8 +58,6 @@ else:
         priority: TRAINING_PRIORITY
         conda:
             CONDA_ENV
-        params:
-            code=code_version("fit-pca"),
         shell:
             "redi fit-pca --features {input} --out {output.pca} > {log} 2>&1"
 
@@ -88,7 +83,6 @@ rule project_features:
         device=config["device"],
     params:
         flags=encoder_flags("project-features", "features"),
-        code=code_version("project-features"),
     shell:
         "redi project-features --shards {input.shards} --pca {input.pca} --out {output.features}"
         " {params.flags} {resources.speed}"

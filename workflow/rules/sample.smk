@@ -30,7 +30,6 @@ rule sample:
     params:
         out=output_dir,
         flags=lambda w: encoder_flags("sample", "latents", w.run),
-        code=code_version("sample"),
         launcher=launcher,
         weights=sample_weights,
     shell:

@@ -30,7 +30,6 @@ rule train:
     params:
         out=output_dir,
         flags=lambda w: cli_flags("train", w.run),
-        code=code_version("train"),
         launcher=launcher,
     shell:
         "{params.launcher} train --latents {input.latents} --features {input.features}"
