@@ -1,52 +1,132 @@
 #!/usr/bin/env bash
-# One-command GPU check for a lent H100 (or H200), from the repository root or anywhere:
-#   bash benchmarks/gpu_check.sh
-# Runs, each capped at 300 s, bf16 autocast throughout:
-#   1. benchmarks/train_throughput.py --model: DiT-B/2 at batch 256 and DiT-XL/2 at batch 32, fusion
-#      none,merged,separate (three XL variants' weights + EMA + AdamW state hold ~30 GB and separate
-#      doubles the tokens, so batch 64 would not fit in 80 GB with all three), plus XL/2 at batch 64 for
-#      none,merged only;
-#   2. benchmarks/model_step.py (loss + backward only, no AdamW/EMA) for DiT-B/2 at batch 256;
-#   3. pytest -q tests/test_models.py on the machine with CUDA visible.
-# Output: everything goes to $OUT (default ./gpu_check_out): gpu_check.log and one JSON per benchmark.
-# Exit status 1 when a part failed (an out-of-memory variant is reported and dropped, and counts).
-#
-# Expects python >= 3.10 with a CUDA build of torch >= 2.4 and the repo's dependencies; on a fresh machine:
-#   pip install torch              # the default Linux wheel on PyPI is the CUDA build
-#   pip install -e ".[test]"       # redi + h5py, numpy, timm, diffusers, jsonschema, pyyaml, tqdm, pytest, ...
-# (machines without network: the same names with pip install --no-index --find-links <wheelhouse>)
+# The one-command GPU check, sized for one 15-minute lease of one H100/H200 (all parts <= --budget s,
+# default 480), from the repository root:
+#   bash benchmarks/gpu_check.sh             # on the GPU machine (carry .whl: benchmarks/gpu_wheels.sh)
+#   bash benchmarks/gpu_check.sh --cpu       # the same parts at toy size on CPU (~2 minutes): a dry run
+#   bash benchmarks/gpu_check.sh --preflight # only the static import check against the device's packages
+# Parts, in this order, each under `timeout` min(its cap, time left to the shared deadline); a part is
+# skipped with a printed reason once less than 20 s are left, and every part writes what it measured:
+#   preflight  static imports (benchmarks/gpu_preflight.py) + the real imports, nvidia-smi
+#   a1/a2      benchmarks/train_throughput.py --model: DiT-B/2 and DiT-XL/2, $FUSIONS, bf16, eager
+#   a3         the same, torch.compile, DiT-$COMPILE_SIZE/2 for $COMPILE_FUSIONS only (compile time)
+#   b          benchmarks/gpu_train.py: 200 steps of `python -m redi.cli train` on synthetic data,
+#              loss finite and falling, checkpoint at 100 + resume to 200
+#   e          pytest -m gpu tests/test_gpu.py
+#   c          benchmarks/sampling.py: SDE 250 steps, no guidance / CFG / CFG + RG
+#   d          benchmarks/inception.py, random weights of the ADM Inception's architecture (the real
+#              TF-Inception file is ~95 MB, too big to carry)
+# Output in $OUT (default ./gpu_check_out), at most 8 files: gpu_check.log, parts.tsv (part, exit status,
+# seconds) and one JSON per benchmark part. Exit status 1 when a part failed or was skipped.
+# Knobs (environment): FUSIONS (default none,merged,separate; add concat when the model has it),
+# B_BATCH (256), XL_BATCH (128), COMPILE_SIZE (XL), COMPILE_FUSIONS (none,merged), SAMPLE_PRESET (xl2),
+# SAMPLE_BATCH (64), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+mode=gpu budget=480
+while [ $# -gt 0 ]; do
+  case $1 in
+    --cpu) mode=cpu ;;
+    --preflight) mode=preflight ;;
+    --budget) budget=$2; shift ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--cpu | --preflight] [--budget SECONDS]" >&2; exit 2 ;;
+  esac
+  shift
+done
+py=${PYTHON:-python3}
+if [ "$mode" = preflight ]; then exec "$py" benchmarks/gpu_preflight.py; fi
+
 out="${OUT:-gpu_check_out}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # redi importable without the editable install
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-export HF_HUB_OFFLINE=1
+start=$(date +%s)
+deadline=$((start + budget))
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+FUSIONS=${FUSIONS:-none,merged,separate}
+COMPILE_FUSIONS=${COMPILE_FUSIONS:-none,merged}
+if [ "$mode" = gpu ]; then
+  B_SIZE=B XL_SIZE=XL COMPILE_SIZE=${COMPILE_SIZE:-XL}
+  common=(--device cuda --dtype bf16 --input-size 32)
+  b_args=(--batch "${B_BATCH:-256}" --warmup 2 --steps 10)
+  xl_args=(--batch "${XL_BATCH:-128}" --warmup 2 --steps 10)
+  train_args=(--device cuda --size B --input-size 32 --batch 64 --samples 4096)
+  sample_args=(--preset "${SAMPLE_PRESET:-xl2}" --batch "${SAMPLE_BATCH:-64}")
+  inception_args=(--device cuda --images 2000 --batch 250 --sizes 256)
+  compile_args=()
+  caps=(60 100 200 60 60 70 45)  # a1 a2 a3 b e c d
+else  # toy sizes, same code paths, one CPU thread each
+  B_SIZE=S XL_SIZE=S COMPILE_SIZE=S
+  common=(--device cpu --dtype fp32 --input-size 8 --threads 1)
+  b_args=(--batch 2 --warmup 1 --steps 1)
+  xl_args=(--batch 2 --warmup 1 --steps 1)
+  train_args=(--device cpu --size S --depth 2 --hidden-size 64 --heads 2 --input-size 8 --batch 16 --samples 256)
+  export OMP_NUM_THREADS=1
+  sample_args=(--preset demo --batch 2 --steps-scale 0.02 --threads 1)
+  inception_args=(--device cpu --images 4 --batch 4 --sizes 32 --threads 1)
+  compile_args=(--compile-backend aot_eager)  # traces as inductor would, without its minutes of codegen
+  caps=(60 60 120 120 60 60 60)
+fi
+
+failed=0
+printf 'part\texit\tseconds\n' > "$out/parts.tsv"
+part() {  # part NAME CAP COMMAND...: run under timeout min(CAP, time to the deadline - 10 s)
+  local name=$1 cap=$2 now left limit rc t0
+  shift 2
+  now=$(date +%s)
+  left=$((deadline - now - 10))
+  if [ "$left" -lt 20 ]; then
+    echo; echo "=== $name: SKIPPED, ${left} s left of the ${budget} s budget"
+    printf '%s\tskipped\t0\n' "$name" >> "$out/parts.tsv"
+    failed=1
+    return
+  fi
+  limit=$((cap < left ? cap : left))
+  echo; echo "=== $name (cap ${limit} s, $((now - start)) s elapsed): $*"
+  t0=$(date +%s)
+  PART_DEADLINE=$((t0 + limit - 5)) timeout -k 5 "$limit" "$@"
+  rc=$?
+  [ "$rc" = 124 ] && echo "=== $name: TIMED OUT after ${limit} s"
+  [ "$rc" = 0 ] || { echo "=== $name: FAILED (exit $rc)"; failed=1; }
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - t0))" >> "$out/parts.tsv"
+}
 
 checks() {
-  local failed=0 tt=benchmarks/train_throughput.py
-  run() { echo; echo "+ $*"; timeout 300 "$@" || { echo "FAILED (exit $?): $*"; failed=1; }; }
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-  python -c "
-import importlib.util, sys
-missing = [m for m in ('torch', 'h5py', 'numpy', 'timm', 'diffusers', 'jsonschema', 'yaml', 'tqdm', 'pytest')
-           if importlib.util.find_spec(m) is None]
-if missing:
-    sys.exit('missing modules: ' + ' '.join(missing) + ' (see the pip installs at the top of this script)')
-import torch, redi.train
-assert torch.cuda.is_available(), 'torch sees no CUDA device'
-print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))
-" || return 1
-  run python $tt --model --size B --patch 2 --batch 256 --fusion none,merged,separate --dtype bf16 \
-    --json "$out/train_B2_b256.json"
-  run python $tt --model --size XL --patch 2 --batch 32 --fusion none,merged,separate --dtype bf16 \
-    --json "$out/train_XL2_b32.json"
-  run python $tt --model --size XL --patch 2 --batch 64 --fusion none,merged --dtype bf16 \
-    --json "$out/train_XL2_b64.json"
-  run python benchmarks/model_step.py --device cuda --size B --patch 2 --batch 256 --dtype bf16 \
-    --warmup 2 --steps 10 --json "$out/model_step_B2_b256.json"
-  run python -m pytest -q tests/test_models.py
-  echo; [ "$failed" = 0 ] && echo "gpu_check: all parts ran" || echo "gpu_check: SOME PARTS FAILED"
+  echo "gpu_check: mode $mode, budget ${budget} s, out $out, $(date -u +%FT%TZ)"
+  if [ "$mode" = gpu ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    if compgen -G ".whl/*.whl" > /dev/null; then  # packages the device image lacks (gpu_wheels.sh)
+      "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/redi-gpu-site .whl/*.whl || { echo "gpu_check: wheel install failed"; return 1; }
+      export PYTHONPATH="$PYTHONPATH:/tmp/redi-gpu-site"
+    else
+      echo "gpu_check: no .whl/ wheels (run benchmarks/gpu_wheels.sh here and carry .whl)"
+    fi
+  fi
+  "$py" benchmarks/gpu_preflight.py || echo "gpu_check: static preflight failed (the real imports decide)"
+  "$py" -c "
+import torch, redi.cli, redi.train, redi.sample, redi.metrics.evaluate, torch_fidelity, h5py, jsonschema
+print('torch', torch.__version__, 'cuda', torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')
+assert '$mode' != 'gpu' or torch.cuda.is_available(), 'torch sees no CUDA device'
+" || { echo "gpu_check: imports failed, nothing else can run"; return 1; }
+
+  local tt=benchmarks/train_throughput.py
+  part a1_throughput_B2 "${caps[0]}" "$py" $tt --model --size "$B_SIZE" --patch 2 --fusion "$FUSIONS" \
+    "${common[@]}" "${b_args[@]}" --json "$out/throughput_B2.json"
+  part a2_throughput_XL2 "${caps[1]}" "$py" $tt --model --size "$XL_SIZE" --patch 2 --fusion "$FUSIONS" \
+    "${common[@]}" "${xl_args[@]}" --json "$out/throughput_XL2.json"
+  part a3_throughput_compiled "${caps[2]}" "$py" $tt --model --size "$COMPILE_SIZE" --patch 2 --compile \
+    "${compile_args[@]}" --fusion "$COMPILE_FUSIONS" "${common[@]}" "${xl_args[@]}" \
+    --json "$out/throughput_compiled.json"
+  part b_train_resume "${caps[3]}" "$py" benchmarks/gpu_train.py "${train_args[@]}" --json "$out/train.json"
+  part e_pytest_gpu "${caps[4]}" "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+  part c_sampling "${caps[5]}" "$py" benchmarks/sampling.py "${sample_args[@]}" --objectives interpolant \
+    --samplers sde --json "$out/sampling.json"
+  part d_inception "${caps[6]}" "$py" benchmarks/inception.py --weights random "${inception_args[@]}" \
+    --json "$out/inception.json"
+
+  echo; echo "gpu_check: $(($(date +%s) - start)) s of ${budget} s; parts (exit status, seconds):"
+  column -t "$out/parts.tsv" 2>/dev/null || cat "$out/parts.tsv"
+  [ "$failed" = 0 ] && echo "gpu_check: all parts ran" || echo "gpu_check: SOME PARTS FAILED OR WERE SKIPPED"
   return "$failed"
 }
 

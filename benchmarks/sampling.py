@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every run's step count (e.g. 0.1 for a smoke run)")
     p.add_argument("--objectives", default="interpolant,ddpm", help="which model families to time")
+    p.add_argument("--samplers", default=None,
+                   help="comma list of the samplers to time (default: all of each objective's)")
     p.add_argument("--no-guidance-rows", action="store_true", help="skip the CFG + RG rows")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
@@ -107,6 +109,8 @@ def main(argv=None) -> int:
     for objective in args.objectives.split(","):
         sm = build(objective, args.preset, args.fusion, device)
         for sampler, steps in RUNS[objective]:
+            if args.samplers and sampler not in args.samplers.split(","):
+                continue
             for guidance in guidances:
                 steps_run = max(2, round(steps * args.steps_scale))
                 row = time_run(sm, sampler, steps_run, guidance, args.batch, device, bf16)

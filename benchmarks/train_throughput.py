@@ -5,7 +5,8 @@ project-features stages write, times the TrainingData constructor (the load into
 next_batch + the posterior sample on ONE CPU thread, and reports samples/s (target >= 5,000) and the
 resident memory per sample. --model times train.py's step (batch to device, posterior sample, joint
 loss under bf16 autocast on CUDA, finite check, zero_grad, backward, clip_grad_norm_, AdamW, EMA)
-for each --fusion variant, interleaved round-robin, medians per variant. See benchmarks/README.md.
+for each --fusion variant, interleaved in a carry-over-balanced order, medians per variant.
+See benchmarks/README.md.
 
     python benchmarks/train_throughput.py --loader                    # CPU, ~1 minute, ~2 GiB RAM
     OMP_NUM_THREADS=2 python benchmarks/train_throughput.py --model   # CPU: DiT-B/2, batch 8, ~4 minutes
@@ -29,11 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from interleave import cycle_rounds, round_order  # benchmarks/, this script's folder
+
 MIB = 1 << 20
 LOADER_TARGET = 5000  # samples/s of (latent, feature, label) on one CPU thread
-RATIO_TARGET = 1.03  # merged / none step time, DiT-B/2 on CPU
+RATIO_TARGET = 1.01  # merged / none step time, DiT-B/2 on CPU
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.7}, "H200": {"bf16": 989.0, "fp32": 494.7}}  # dense
-FUSIONS = ("none", "merged", "separate")
 FLOP_NOTE = ("TFLOP/s = 3 x forward FLOPs (2 x redi.models.forward_macs total) x batch / step time: "
              "backward assumed 2x the forward; norms, activations, the loss, AdamW and EMA not counted")
 
@@ -66,10 +68,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast of the loss, as train.precision: auto = bf16 on cuda, fp32 on cpu")
     g.add_argument("--compile", action="store_true", help="torch.compile the model, as train.compile")
+    g.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (train.compile uses inductor; 'eager' or 'aot_eager' only "
+                   "trace, for a quick dry run of the compiled path on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true", help="as train.grad_checkpointing")
     g.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: 1 on cpu, 3 on cuda)")
     g.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 5 cpu, 20 cuda)")
     g.add_argument("--threads", type=int, default=None, help="torch threads, model part (default: torch's)")
+    g.add_argument("--deadline", type=float, default=float(os.environ.get("PART_DEADLINE", 0)) or None,
+                   help="Unix time: start no timed round that would end after it, report what was measured "
+                   "(default: $PART_DEADLINE, set by gpu_check.sh)")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak of the device for MFU (default: H100/H200 dense 989 bf16, 495 tf32; else n/a)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, weights and noise")
@@ -78,9 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not (args.loader or args.model):
         args.loader = args.model = True
     args.fusions = [f.strip() for f in args.fusion.split(",") if f.strip()]
-    if not args.fusions or not set(args.fusions) <= set(FUSIONS) or len(set(args.fusions)) < len(
-            args.fusions):
-        p.error(f"--fusion must be a comma list of distinct {'/'.join(FUSIONS)}, got {args.fusion!r}")
+    from redi.config import load_schema
+
+    known = load_schema()["properties"]["train"]["properties"]["model"]["properties"]["fusion"]["enum"]
+    if not args.fusions or not set(args.fusions) <= set(known) or len(set(args.fusions)) < len(args.fusions):
+        p.error(f"--fusion must be a comma list of distinct {'/'.join(known)}, got {args.fusion!r}")
     if args.samples < 1 or args.rank_max < 1 or args.loader_batch < 1 or args.loader_batch > args.samples:
         p.error("need --samples >= --loader-batch >= 1 and --rank-max >= 1")
     if args.input_size % args.patch or args.input_size % 2:
@@ -345,7 +355,7 @@ def build_variant(fusion: str, args, device) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                             fused=device.type == "cuda")
     return {"fusion": fusion, "cfg": cfg, "model": model, "ema": ema, "opt": opt, "objective": objective,
-            "forward": torch.compile(model) if cfg["compile"] else model,
+            "forward": torch.compile(model, backend=args.compile_backend) if cfg["compile"] else model,
             "macs": forward_macs(model),
             "params": sum(q.numel() for q in model.parameters() if q.requires_grad),
             "times": [], "cpu_times": [], "peak_mib": 0.0, "resident_mib": 0.0, "loss": None, "error": None}
@@ -421,10 +431,16 @@ def bench_model(args) -> dict:
     }
     oom = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", RuntimeError))
     torch.manual_seed(args.seed * 1000)
-    total = args.warmup + args.steps
+    cycle = cycle_rounds(len(variants))
+    args.steps = -(-args.steps // cycle) * cycle  # whole balanced cycles
+    total, round_s, stopped = args.warmup + args.steps, 0.0, None
     for rnd in range(total):
-        shift = rnd % len(variants)
-        for v in variants[shift:] + variants[:shift]:
+        if args.deadline and rnd > args.warmup and time.time() + round_s > args.deadline:
+            stopped = f"stopped after {rnd - args.warmup} timed round(s): --deadline"
+            print(stopped, file=sys.stderr, flush=True)
+            break
+        round_start = time.time()
+        for v in (variants[i] for i in round_order(len(variants), rnd - args.warmup)):
             if v["error"]:
                 continue
             try:
@@ -449,6 +465,7 @@ def bench_model(args) -> dict:
               + ", ".join(f"{v['fusion']} {1e3 * v['times'][-1]:.0f} ms" if rnd >= args.warmup and v["times"]
                           else v["fusion"] + (" (dropped)" if v["error"] else "") for v in variants),
               file=sys.stderr, flush=True)
+        round_s = time.time() - round_start
 
     peak, peak_source = default_peak(device, args.dtype)
     if args.peak_tflops:
@@ -484,7 +501,7 @@ def bench_model(args) -> dict:
                   "applies": device.type == "cpu" and args.size == "B" and args.patch == 2}
     return {"device": device.type, "peak_tflops": peak, "peak_source": peak_source,
             "baseline": base["fusion"] if base else None, "tokens": (s // args.patch) ** 2,
-            "variants": rows, "merged_target": target, "flop_assumption": FLOP_NOTE}
+            "variants": rows, "merged_target": target, "flop_assumption": FLOP_NOTE, "stopped": stopped}
 
 
 def print_model(r: dict, s: dict, m: dict) -> None:
@@ -498,7 +515,7 @@ def print_model(r: dict, s: dict, m: dict) -> None:
     print("step = redi.train's: batch .to(device) + posterior sample + joint loss (autocast) + "
           "isfinite().item() + zero_grad + backward + clip_grad_norm_ + AdamW + update_ema;")
     print(f"{s['steps']} timed steps per variant after {s['warmup']} warm-up round(s), interleaved "
-          f"round-robin, median; MFU peak: {r['peak_tflops'] or 'n/a'} TFLOP/s ({r['peak_source']})")
+          f"carry-over balanced, median; MFU peak: {r['peak_tflops'] or 'n/a'} TFLOP/s ({r['peak_source']})")
     head = (f"\n{'variant':<10}{'params':>13}{'GFLOP/img':>11}{'step ms':>10}{'min..max ms':>15}"
             f"{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}")
     print(head + (f"{'peak MiB':>10}{'resid MiB':>10}" if cuda else f"{'CPU s':>8}"))

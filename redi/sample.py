@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import webdataset as wds
 from PIL import Image
 from torch import nn
 
@@ -259,6 +258,8 @@ def _png(pixels: np.ndarray) -> bytes:
 def write_shard(path: Path, indices: list[int], images: np.ndarray, reps: np.ndarray | None,
                 labels: torch.Tensor | None) -> None:
     """One tar of <index>.png (+ .rep.png, .cls), renamed into place when complete."""
+    import webdataset as wds  # here: generate() and the samplers need no shard code
+
     with atomic_path(path) as tmp:
         with wds.TarWriter(str(tmp)) as writer:
             for k, index in enumerate(indices):

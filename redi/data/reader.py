@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader
 
 from ..io import read_manifest
@@ -39,6 +38,8 @@ def iter_batches(
     `todo` is a boolean mask over sample indices: samples whose entry is False are skipped before
     decoding, so a resumed stage only reads what it still has to do.
     """
+    import webdataset as wds  # here: the evaluate stage's modules import this one without reading shards
+
     urls = shard_paths(manifest_path, todo)
     if not urls:
         return

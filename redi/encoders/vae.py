@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 
 def load_vae(weights: str) -> AutoencoderKL:
     """An AutoencoderKL from a hub id (e.g. stabilityai/sd-vae-ft-ema) or a local folder."""
+    from diffusers import AutoencoderKL  # here, not at the top: training and sampling import this module
+
     return AutoencoderKL.from_pretrained(weights, low_cpu_mem_usage=False)  # no accelerate needed
 
 
