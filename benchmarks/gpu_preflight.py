@@ -34,7 +34,7 @@ IMPORT_NAMES = {
     "cupy-cuda13x": ["cupy", "cupyx"], "jax-cuda13-plugin": ["jax_cuda13_plugin"],
     "pytest-benchmark": ["pytest_benchmark"], "pytest-xdist": ["xdist"], "pytest-cov": ["pytest_cov"],
     "pytest-mock": ["pytest_mock"], "pytest-timeout": ["pytest_timeout"], "ml-dtypes": ["ml_dtypes"],
-    "huggingface-hub": ["huggingface_hub"], "hf-xet": ["hf_xet"],
+    "huggingface-hub": ["huggingface_hub"], "hf-xet": ["hf_xet"], "rpds-py": ["rpds"],
 }
 # imported inside a function only, on paths the check never takes (a module-level import still counts)
 LAZY_NOT_RUN = {
