@@ -119,9 +119,9 @@ def main(argv=None) -> int:
                 print(f"{objective:<12} {sampler:<10} {row['steps']:>5} {row['nfe']:>5} {row['branches']:>8} "
                       f"{row['seconds']:>8.2f} {row['images_per_s']:>9.2f} {row['ms_per_nfe']:>8.2f}",
                       flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"device": name, "bf16": bf16, "preset": args.preset,
-                                         "fusion": args.fusion, "rows": rows}, indent=2))
+                if args.json:  # after every row: a run stopped by a time limit keeps what it measured
+                    args.json.write_text(json.dumps({"device": name, "bf16": bf16, "preset": args.preset,
+                                                     "fusion": args.fusion, "rows": rows}, indent=2))
     return 0
 
 

@@ -59,43 +59,6 @@ def test_bf16_training_step_is_finite_and_moves_the_weights(fusion):
     assert moved == len(before)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_one_process_nccl_ddp_matches_plain_gradients(monkeypatch):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
-    dist.init_process_group("nccl", init_method="env://", device_id=torch.device("cuda", 0))
-    try:
-        _, model, objective = tiny_run("merged")
-        model.cuda()
-        trained = [p for p in model.parameters() if p.requires_grad]
-        plain = [p.detach().clone() for p in trained]
-        ddp = DistributedDataParallel(model, device_ids=[0])
-        x, z, y = batch(8, "merged", "cuda")
-        torch.manual_seed(1)
-        objective.loss(ddp, x, z, y)["loss"].backward()
-        ddp_grads = [p.grad.clone() for p in trained]
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        objective.loss(model, x, z, y)["loss"].backward()
-        for g_ddp, p in zip(ddp_grads, trained, strict=True):
-            torch.testing.assert_close(g_ddp, p.grad, rtol=1e-5, atol=1e-6)
-        total = torch.ones(3, device="cuda")
-        dist.all_reduce(total)
-        assert total.tolist() == [1.0, 1.0, 1.0]
-        assert all(torch.equal(a, p.detach()) for a, p in zip(plain, trained, strict=True))  # DDP copies none
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("fusion", ["none", "merged"])
 def test_gpu_forward_agrees_with_cpu(fusion):
     _, model, _ = tiny_run(fusion)
@@ -134,3 +97,39 @@ def test_per_sample_seeds_give_the_same_images_for_any_batch_size(sampler):
             joined = torch.cat([p[k] for p in parts])
             torch.testing.assert_close(joined, whole[k], rtol=1e-4, atol=1e-4, msg=f"{name}, batch {size}")
 
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_process_nccl_ddp_matches_plain_gradients(monkeypatch):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+                       "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("nccl", init_method="env://", device_id=torch.device("cuda", 0))
+    try:
+        _, model, objective = tiny_run("merged")
+        model.cuda()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        plain = [p.detach().clone() for p in trained]
+        ddp = DistributedDataParallel(model, device_ids=[0])
+        x, z, y = batch(8, "merged", "cuda")
+        torch.manual_seed(1)
+        objective.loss(ddp, x, z, y)["loss"].backward()
+        ddp_grads = [p.grad.clone() for p in trained]
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        objective.loss(model, x, z, y)["loss"].backward()
+        for g_ddp, p in zip(ddp_grads, trained, strict=True):
+            torch.testing.assert_close(g_ddp, p.grad, rtol=1e-5, atol=1e-6)
+        total = torch.ones(3, device="cuda")
+        dist.all_reduce(total)
+        assert total.tolist() == [1.0, 1.0, 1.0]
+        assert all(torch.equal(a, p.detach()) for a, p in zip(plain, trained, strict=True))  # DDP copies none
+    finally:
+        dist.destroy_process_group()
