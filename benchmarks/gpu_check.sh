@@ -17,7 +17,7 @@
 #              TF-Inception file is ~95 MB, too big to carry)
 # Output in $OUT (default ./gpu_check_out), at most 8 files: gpu_check.log, parts.tsv (part, exit status,
 # seconds) and one JSON per benchmark part. Exit status 1 when a part failed or was skipped.
-# Knobs (environment): FUSIONS (default none,merged,separate; add concat when the model has it),
+# Knobs (environment): FUSIONS (default none,concat,merged,separate),
 # B_BATCH (256), XL_BATCH (96), COMPILE_SIZE (XL), COMPILE_FUSIONS (none,merged), SAMPLE_PRESET (xl2),
 # SAMPLE_BATCH (64), PYTHON (python3).
 set -uo pipefail
@@ -42,7 +42,7 @@ start=$(date +%s)
 deadline=$((start + budget))
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-FUSIONS=${FUSIONS:-none,merged,separate}
+FUSIONS=${FUSIONS:-none,concat,merged,separate}
 COMPILE_FUSIONS=${COMPILE_FUSIONS:-none,merged}
 if [ "$mode" = gpu ]; then
   B_SIZE=B XL_SIZE=XL COMPILE_SIZE=${COMPILE_SIZE:-XL}
