@@ -12,6 +12,7 @@ wildcard_constraints:
     sversion="[0-9a-f]{8}",
 
 
+include: "workflow/rules/fetch.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/train.smk"

@@ -27,6 +27,7 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
     "extract-features": {"features": None, "pca": ["sample_images", "seed"]},
     "fit-pca": {},
     "convert-pca": {},
+    "fetch": {},
     "project-features": {"features": ["encoder", "grid", "dtype", "batch_size", "workers"],
                          "pca": ["rank_max"], "latents": ["flip"]},
     "train": {"train": None},
@@ -55,6 +56,8 @@ OTHER_KEYS = {
     "sample.checkpoint": "sample (and all after it); the workflow passes it as `redi sample --checkpoint`",
     "sample.train_step": "sample (and all after it); the workflow passes the snapshot as --checkpoint",
     "evaluate.reference": "reference-stats (and evaluate); the workflow passes it as --source",
+    "sample.checkpoint_source": "none: fetches a missing sample.checkpoint (`redi fetch`)",
+    "evaluate.reference_source": "none: fetches a missing evaluate.reference (`redi fetch`)",
     "pca.official": "convert-pca instead of extract-features + fit-pca (and all after it); "
                     "passed as --official",
     "runs": "the runs it adds or changes (train, sample, evaluate) and the report",
@@ -107,6 +110,10 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
     "fit-pca": ("Fit standardisation + PCA on the sampled tokens by streaming float64 moments.",
                 [("--features", "features.h5 of extract-features"),
                  ("--out", "output pca.npz (manifest.json is written beside it)")], "redi.pca:run_stage"),
+    "fetch": ("Download a published file (released checkpoint, ADM's reference batch) to --out, atomically.",
+              [("--source", "hf://<owner>/<repo>[/<file>] or an http(s)/file URL"),
+               ("--out", "the file to write (the config's sample.checkpoint or evaluate.reference)")],
+              "redi.fetch:run_stage"),
     "convert-pca": ("Convert the official ReDi PCA file (a pickled sklearn PCA + mean/std, read with a "
                     "restricted unpickler) into pca.npz; project-features then reproduces its projection.",
                     [("--official", "the official file, e.g. pcs/dino_pca_model.pth"),

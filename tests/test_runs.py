@@ -32,7 +32,7 @@ def test_runs_merge_onto_the_sections_in_order():
                             train={"rank": 4, "rep_dropout": 0.2}))
     assert list(runs) == ["base", "redi", "rg"]
     assert runs["base"]["train"]["model"]["fusion"] == "none" and runs["base"]["train"]["rank"] == 4
-    assert runs["redi"]["train"]["model"]["fusion"] == "merged"
+    assert runs["redi"]["train"]["model"]["fusion"] == "concat"  # the schema default: the official layout
     assert runs["rg"]["train"] == runs["redi"]["train"] and runs["rg"]["sample"]["rg_scale"] == 1.5
     assert runs["rg"]["train_run"] == "redi" and runs["redi"]["train_run"] == "redi"
     assert runs["rg"]["tables"] == ["a", "b"] and runs["base"]["tables"] == ["runs"]
@@ -94,10 +94,8 @@ def test_the_paper_grid_plans_offline(tmp_path):
     keys = ("sampler", "steps", "cfg_scale", "cfg_channels", "cfg_noise_low", "cfg_noise_high", "num_samples",
             "labels")
     assert [official[k] for k in keys] == ["sde", 250, 2.4, "image", 0.0, 1.0, 50000, "random"]
-    # the files a user downloads (released checkpoint, ADM's reference batch): empty stand-ins to plan
-    for name in (official["checkpoint"], config["evaluate"]["reference"]):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).touch()
+    assert official["checkpoint_source"] == "hf://zelaki/SiT-ReDi-XL-2"
+    assert config["evaluate"]["reference_source"].endswith("/VIRTUAL_imagenet256_labeled.npz")
     done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
                            str(tmp_path), "--configfile", str(REPO / "config" / "imagenet256.yaml"), "-n"],
                           capture_output=True, text=True, timeout=300)
@@ -110,3 +108,4 @@ def test_the_paper_grid_plans_offline(tmp_path):
     assert counts["train"] == trained and counts["sample"] == counts["evaluate"] == len(runs)
     assert counts["report"] == 1 and counts["shard"] == 1 and counts["reference_stats"] == 1
     assert "official-sit-xl2-redi" in done.stdout
+    assert counts["fetch"] == 2  # the released checkpoint and ADM's reference batch, downloaded when missing

@@ -344,6 +344,27 @@ def standin_input(section):
     return [manifest(f"train-standin-{standin_kind(section)}")]
 
 
+def fetched_files():
+    """{path: source} of the published files the workflow downloads when they are missing: a run's
+    sample.checkpoint (sample.checkpoint_source) and evaluate.reference (evaluate.reference_source).
+    """
+    wanted = [
+        (spec["sample"]["checkpoint"], spec["sample"]["checkpoint_source"])
+        for spec in RUNS.values()
+    ]
+    wanted.append(
+        (config["evaluate"]["reference"], config["evaluate"]["reference_source"])
+    )
+    files = {}
+    for path, source in wanted:
+        if path and source:
+            if files.setdefault(path, source) != source:
+                raise WorkflowError(
+                    f"{path} has two download sources: {files[path]} and {source}"
+                )
+    return files
+
+
 def sample_checkpoint(run):
     """What `sample` waits for: sample.checkpoint (official DiT/SiT) or the run's final.pt."""
     trained = stage_dir("train", stage_run("train", run))
