@@ -1,0 +1,172 @@
+"""Faults and hostile input, as a user's cluster meets them: each stops with one line
+`redi <stage>: error: ...`, leaves nothing that looks complete, and a rerun once the fault is gone
+finishes the job."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import write_tiny_vae
+from PIL import Image
+
+from redi.cli import main
+from redi.data.shard import write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(stderr: str, stage: str) -> str:
+    """The error line a stage printed; fails unless it is the only `error:` line and one line long."""
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr[-2000:]
+    assert lines[0].startswith(f"redi {stage}: error: "), lines[0]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    return lines[0]
+
+
+# --- 1. a full disk -----------------------------------------------------------------------------
+
+class SmallDisk:
+    """A size-limited folder: a tmpfs mounted as root, else a process file-size limit (RLIMIT_FSIZE).
+
+    `run(args, ...)` runs `redi` in a subprocess under the limit; `grow()` lifts it.
+    """
+
+    def __init__(self, folder: Path, size_kib: int):
+        self.folder = folder
+        folder.mkdir()
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(folder)],
+                                 capture_output=True)
+        self.tmpfs = mounted.returncode == 0
+        self.limit = None if self.tmpfs else size_kib * 1024
+
+    def grow(self) -> None:
+        if self.tmpfs:
+            subprocess.run(["mount", "-o", "remount,size=64m", str(self.folder)], check=True)
+        self.limit = None
+
+    def run(self, args: list[str], patch: str = "") -> subprocess.CompletedProcess:
+        """`redi *args` in a fresh process (HDF5 failures end it); `patch` is Python run first."""
+        limit = self.limit
+        prelude = textwrap.dedent(f"""
+            import resource, shutil, signal, sys
+            if {limit!r} is not None:  # no tmpfs: a file-size limit, reported as free space too
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, ({limit!r}, {limit!r}))
+                real = shutil.disk_usage
+                shutil.disk_usage = lambda p: real(p)._replace(free={limit!r})
+        """)
+        run_cli = "\nfrom redi.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        script = prelude + textwrap.dedent(patch) + run_cli
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    def close(self) -> None:
+        if self.tmpfs:
+            subprocess.run(["umount", str(self.folder)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = SmallDisk(tmp_path / "disk", 600)
+    yield disk
+    disk.close()
+
+
+@pytest.fixture(scope="module")
+def latent_inputs(tmp_path_factory):
+    """200 sharded 32 px images and a tiny f=2 VAE: 1.6 MiB of latents, more than the 600 KiB disk
+    (whose first 64-row chunks, 512 KiB, fit)."""
+    root = tmp_path_factory.mktemp("fault-inputs")
+    rng = np.random.default_rng(0)
+    for k in range(200):
+        folder = root / "images" / f"c{k % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{k:03d}.png")
+    write_shards(root / "images", root / "shards", image_size=32, shard_size=50, workers=0)
+    vae = write_tiny_vae(root / "vae")
+    args = ["--shards", str(root / "shards" / "manifest.json"), "--encoder-weights", str(vae),
+            "--batch-size", "16", "--workers", "0", "--device", "cpu"]
+    assert main(["encode-latents", *args, "--out", str(root / "reference" / "latents.h5")]) == 0
+    return args, root / "reference" / "latents.h5"
+
+
+def assert_same_h5(got: Path, expected: Path) -> None:
+    with h5py.File(got) as a, h5py.File(expected) as b:
+        assert sorted(a) == sorted(b)
+        for name in b:
+            np.testing.assert_array_equal(a[name][:], b[name][:])
+        assert a["done"][:].all()
+
+
+def test_a_full_disk_mid_hdf5_stage_keeps_the_partial_and_resumes(latent_inputs, small_disk):
+    """HDF5 row writes that hit ENOSPC stop the stage (not 'Exception ignored', not a segfault)."""
+    args, reference = latent_inputs
+    out = small_disk.folder / "latents.h5"
+    # as on a filesystem where the space check passes and reserved chunks still need new blocks
+    # (copy-on-write) or another job fills the disk meanwhile: no check, no reservation
+    no_reserve = """
+        import redi.h5store as h5store
+        h5store._check_room = lambda *args: None
+        h5store._reserving_dcpl = lambda: None
+    """
+    done = small_disk.run(["encode-latents", *args, "--out", str(out)], patch=no_reserve)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = one_line_error(done.stderr, "encode-latents")
+    assert "latents.h5.partial" in line and ("No space left" in line or "too large" in line), line
+    assert "Exception ignored" not in done.stderr
+    assert not out.exists() and not out.with_name("manifest.json").exists()
+    partial = out.with_name("latents.h5.partial")
+    assert partial.exists()
+    with h5py.File(partial) as f:
+        done_rows = int(f["done"][:].sum())
+    assert 0 < done_rows < 200
+    small_disk.grow()
+    again = small_disk.run(["encode-latents", *args, "--out", str(out)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not partial.exists() and out.with_name("manifest.json").exists()
+    assert_same_h5(out, reference)
+
+
+def test_a_disk_without_room_for_the_hdf5_file_is_refused_before_it_starts(latent_inputs, small_disk):
+    args, reference = latent_inputs
+    out = small_disk.folder / "latents.h5"
+    done = small_disk.run(["encode-latents", *args, "--out", str(out)])
+    assert done.returncode == 2
+    line = one_line_error(done.stderr, "encode-latents")
+    assert re.search(r"latents.h5.partial needs 2.6 MiB but .* has 6\d\d.\d KiB free", line), line
+    assert list(small_disk.folder.iterdir()) == []
+    small_disk.grow()
+    assert small_disk.run(["encode-latents", *args, "--out", str(out)]).returncode == 0
+    assert_same_h5(out, reference)
+
+
+def test_a_full_disk_under_an_atomic_writer_leaves_no_file(latent_inputs, small_disk, tmp_path):
+    """fit-pca (np.savez through atomic_path): the npz is fsynced before its rename."""
+    features = tmp_path / "features.h5"
+    with h5py.File(features, "w") as f:
+        f["tokens"] = np.random.default_rng(0).standard_normal((20, 16, 64)).astype(np.float16)
+    (tmp_path / "manifest.json").write_text("{}")
+    filler = small_disk.folder / "filler"
+    free = shutil.disk_usage(small_disk.folder).free if small_disk.tmpfs else small_disk.limit
+    filler.write_bytes(b"\0" * (free - 8192))  # leaves less than the 33 KiB pca.npz needs
+    out = small_disk.folder / "pca" / "pca.npz"
+    done = small_disk.run(["fit-pca", "--features", str(features), "--out", str(out)])
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = one_line_error(done.stderr, "fit-pca")
+    assert "free space and rerun" in line, line
+    assert sorted(p.name for p in out.parent.iterdir()) == []
+    filler.unlink()
+    small_disk.grow()
+    assert small_disk.run(["fit-pca", "--features", str(features), "--out", str(out)]).returncode == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["manifest.json", "pca.npz"]
