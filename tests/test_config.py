@@ -41,7 +41,8 @@ def test_defaults_are_filled_for_missing_sections():
     config = validate_config(MINIMAL)
     assert config["pca"]["rank_max"] == 32
     assert config["pca"]["sample_images"] == 300000
-    assert config["shard"] == {"image_size": 256, "shard_size": 1000, "workers": 2}
+    assert config["shard"] == {"image_size": 256, "shard_size": 1000, "workers": 2,
+                               "max_pixels": 100_000_000, "max_aspect_ratio": 20}
     assert config["dataset"] == {"name": "toy", "root": None, "num_classes": 1000}
     assert config["latents"]["encoder"] == {"name": "sd-vae", "weights": "stabilityai/sd-vae-ft-ema"}
     assert config["features"]["encoder"] == {"name": "dinov2-vitb14-reg4", "weights": None}

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -170,3 +171,95 @@ def test_a_full_disk_under_an_atomic_writer_leaves_no_file(latent_inputs, small_
     small_disk.grow()
     assert small_disk.run(["fit-pca", "--features", str(features), "--out", str(out)]).returncode == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["manifest.json", "pca.npz"]
+
+
+# --- 2. hostile images: size caps before any resize, high bit depths, odd folder entries ---------
+
+def shard_one(root: Path, out: Path, **caps) -> dict:
+    """Shard `root` in this process (so tracemalloc and monkeypatches see the work)."""
+    return write_shards(root, out, image_size=16, shard_size=100, workers=0, **caps)
+
+
+def skips(manifest: dict) -> dict[str, str]:
+    return {Path(entry["path"]).name: entry["reason"] for entry in manifest["skipped"]}
+
+
+def good_images(folder: Path, count: int = 2) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        Image.fromarray(np.full((20, 24, 3), 40 * k, dtype=np.uint8)).save(folder / f"good{k}.png")
+
+
+def test_a_300000x1_png_is_skipped_from_its_header(tmp_path, monkeypatch):
+    root = tmp_path / "images"
+    good_images(root / "a")
+    Image.fromarray(np.zeros((1, 300000), dtype=np.uint8)).save(root / "a" / "wide.png")
+    assert (root / "a" / "wide.png").stat().st_size < 1000
+    resized = []
+    real_resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda im, size, **kw: resized.append(im.size)
+                        or real_resize(im, size, **kw))
+    tracemalloc.start()
+    manifest = shard_one(root, tmp_path / "shards")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert skips(manifest) == {"wide.png": "aspect ratio of 300000x1 exceeds shard.max_aspect_ratio = 20"}
+    assert manifest["num_samples"] == 2 and (300000, 1) not in resized
+    assert peak < 20 * 2**20, peak  # uncapped, the upscale to 4.8M x 16 px RGB copies 230 MB to numpy
+    capped = shard_one(root, tmp_path / "capped", max_pixels=480, max_aspect_ratio=1e6)
+    assert skips(capped) == {"wide.png": "300000x1 = 300000 pixels exceeds shard.max_pixels = 480"}
+
+
+def shard_pixels(manifest_path: Path) -> dict[str, np.ndarray]:
+    from redi.data.reader import iter_batches
+
+    (indices, images, labels), = list(iter_batches(manifest_path, batch_size=100))
+    return {int(i): img.numpy() for i, img in zip(indices, images, strict=True)}
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    from redi.data.crop import adm_center_crop
+
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    ramp = np.tile(np.linspace(0, 65535, 40).round().astype(np.uint16), (32, 1))  # 40 wide, 32 high
+    Image.fromarray(ramp).save(root / "a" / "0-ramp16.png")
+    assert Image.open(root / "a" / "0-ramp16.png").mode == "I;16"
+    Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32)).save(root / "a" / "1-half.tif")
+    Image.fromarray(np.full((32, 32), 4.0, dtype=np.float32)).save(root / "a" / "2-hdr.tif")
+    Image.fromarray(np.full((32, 32), 70000, dtype=np.int32)).save(root / "a" / "3-wide-int.tif")
+    manifest = shard_one(root, tmp_path / "shards")
+    assert set(skips(manifest)) == {"2-hdr.tif", "3-wide-int.tif"}
+    assert "outside [0, 1]" in skips(manifest)["2-hdr.tif"]
+    assert "beyond 16 bits" in skips(manifest)["3-wide-int.tif"]
+    pixels = shard_pixels(tmp_path / "shards" / "manifest.json")
+    # the ramp as an 8-bit image made with numpy, then the same crop: a ramp from black to white
+    eight_bit = Image.fromarray(np.round(ramp / 257).astype(np.uint8)).convert("RGB")
+    np.testing.assert_array_equal(pixels[0], adm_center_crop(eight_bit, 16))
+    assert pixels[0][:, 0].max() < 40 and pixels[0][:, -1].min() > 215
+    assert (np.diff(pixels[0][8, :, 0].astype(int)) >= 0).all()
+    np.testing.assert_array_equal(pixels[1], np.full((16, 16, 3), 128, dtype=np.uint8))  # 0.5 * 255
+
+
+def test_odd_folder_entries_are_listed_as_skipped_never_followed(tmp_path):
+    outside = tmp_path / "outside.png"
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(outside)
+    root = tmp_path / "images"
+    good_images(root / "a")
+    folder = root / "a"
+    (folder / "escape.png").symlink_to(outside)
+    (folder / "dangling.png").symlink_to(folder / "missing.png")
+    (folder / "null.png").symlink_to("/dev/null")
+    (folder / "inside.png").symlink_to(folder / "good1.png")  # a link within the folder is an image
+    os.mkfifo(folder / "fifo.png")  # opening it would block the stage forever
+    (folder / "dir.png").mkdir()
+    manifest = shard_one(root, tmp_path / "shards")
+    reasons = skips(manifest)
+    assert reasons == {
+        "escape.png": f"symlink leaving the dataset folder (-> {outside})",
+        "dangling.png": f"dangling symlink (-> {folder / 'missing.png'})",
+        "null.png": "symlink leaving the dataset folder (-> /dev/null)",
+        "fifo.png": "not a regular file (a FIFO)",
+        "dir.png": "not a regular file (a folder)",
+    }
+    assert manifest["num_samples"] == 3  # good0, good1 and the link to good1
