@@ -13,7 +13,7 @@ rule demo_data:
         flags=cli_flags("demo-data"),
         code=code_version("demo-data"),
     shell:
-        "redi demo-data --out {params.out} {params.flags} > {log} 2>&1"
+        "redi demo-data --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule shard:
@@ -36,7 +36,7 @@ rule shard:
         flags=cli_flags("shard"),
         code=code_version("shard"),
     shell:
-        "redi shard --input {params.root:q} --out {params.out} {params.flags} {resources.speed} > {log} 2>&1"
+        "redi shard --input {params.root:q} --out {params.out:q} {params.flags} {resources.speed} > {log:q} 2>&1"
 
 
 rule train_standin_vae:
@@ -57,7 +57,7 @@ rule train_standin_vae:
         flags=cli_flags("train-standin-vae"),
         code=code_version("train-standin-vae"),
     shell:
-        "redi train-standin-vae --shards {input} --out {params.out} {params.flags} > {log} 2>&1"
+        "redi train-standin-vae --shards {input:q} --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule train_standin_vit:
@@ -78,7 +78,7 @@ rule train_standin_vit:
         flags=cli_flags("train-standin-vit"),
         code=code_version("train-standin-vit"),
     shell:
-        "redi train-standin-vit --shards {input} --out {params.out} {params.flags} > {log} 2>&1"
+        "redi train-standin-vit --shards {input:q} --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule encode_latents:
@@ -103,6 +103,6 @@ rule encode_latents:
         flags=encoder_flags("encode-latents", "latents"),
         code=code_version("encode-latents"),
     shell:
-        "redi encode-latents --shards {input.shards} --out {output.latents} {params.flags}"
+        "redi encode-latents --shards {input.shards:q} --out {output.latents:q} {params.flags}"
         " {resources.speed}"
-        " --device {resources.device} > {log} 2>&1"
+        " --device {resources.device:q} > {log:q} 2>&1"

@@ -12,7 +12,7 @@ rule convert_inception:
     params:
         code=code_version("convert-inception"),
     shell:
-        "redi convert-inception --out {output.weights} > {log} 2>&1"
+        "redi convert-inception --out {output.weights:q} > {log:q} 2>&1"
 
 
 rule reference_stats:
@@ -36,8 +36,8 @@ rule reference_stats:
         flags=inception_flags("reference-stats"),
         code=code_version("reference-stats"),
     shell:
-        "redi reference-stats --source {input.source} --out {output.reference} {params.flags}"
-        " {resources.speed} --device {resources.device} > {log} 2>&1"
+        "redi reference-stats --source {input.source:q} --out {output.reference:q} {params.flags}"
+        " {resources.speed} --device {resources.device:q} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -68,8 +68,8 @@ rule evaluate:
         flags=lambda w: inception_flags("evaluate", w.run),
         code=code_version("evaluate"),
     shell:
-        "redi evaluate --reference {input.reference} --samples {input.samples} --out {output.metrics}"
-        " {params.flags} {resources.speed} --device {resources.device} > {log} 2>&1"
+        "redi evaluate --reference {input.reference:q} --samples {input.samples:q} --out {output.metrics:q}"
+        " {params.flags} {resources.speed} --device {resources.device:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -107,4 +107,4 @@ rule report:
         runs=report_runs(),
         code=code_version("report"),
     shell:
-        "redi report --runs {params.runs} --out {params.out} > {log} 2>&1"
+        "redi report --runs {params.runs} --out {params.out:q} > {log:q} 2>&1"

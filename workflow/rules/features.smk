@@ -23,9 +23,9 @@ rule extract_features:
         flags=encoder_flags("extract-features", "features"),
         code=code_version("extract-features"),
     shell:
-        "redi extract-features --shards {input.shards} --out {output.features} {params.flags}"
+        "redi extract-features --shards {input.shards:q} --out {output.features:q} {params.flags}"
         " {resources.speed}"
-        " --device {resources.device} > {log} 2>&1"
+        " --device {resources.device:q} > {log:q} 2>&1"
 
 
 if config["pca"]["official"]:
@@ -64,7 +64,7 @@ else:
         params:
             code=code_version("fit-pca"),
         shell:
-            "redi fit-pca --features {input} --out {output.pca} > {log} 2>&1"
+            "redi fit-pca --features {input:q} --out {output.pca:q} > {log:q} 2>&1"
 
 
 rule project_features:
@@ -90,6 +90,6 @@ rule project_features:
         flags=encoder_flags("project-features", "features"),
         code=code_version("project-features"),
     shell:
-        "redi project-features --shards {input.shards} --pca {input.pca} --out {output.features}"
+        "redi project-features --shards {input.shards:q} --pca {input.pca:q} --out {output.features:q}"
         " {params.flags} {resources.speed}"
-        " --device {resources.device} > {log} 2>&1"
+        " --device {resources.device:q} > {log:q} 2>&1"

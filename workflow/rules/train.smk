@@ -33,5 +33,5 @@ rule train:
         code=code_version("train"),
         launcher=launcher,
     shell:
-        "{params.launcher} train --latents {input.latents} --features {input.features}"
-        " --out {params.out} {params.flags} {resources.speed} --device {resources.device} > {log} 2>&1"
+        "{params.launcher} train --latents {input.latents:q} --features {input.features:q}"
+        " --out {params.out:q} {params.flags} {resources.speed} --device {resources.device:q} > {log:q} 2>&1"
