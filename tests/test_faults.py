@@ -16,11 +16,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 from conftest import write_tiny_vae
 from PIL import Image
 
 from redi.cli import main
 from redi.data.shard import write_shards
+from redi.runs import expand_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,3 +265,56 @@ def test_odd_folder_entries_are_listed_as_skipped_never_followed(tmp_path):
         "dir.png": "not a regular file (a folder)",
     }
     assert manifest["num_samples"] == 3  # good0, good1 and the link to good1
+
+
+# --- 5. settings of different stages that cannot work together, refused when the config loads --
+
+CROSS_STAGE = {
+    "rank-above-rank-max": ({"train": {"rank": 16}, "pca": {"rank_max": 8}},
+                            "train.rank = 16 exceeds pca.rank_max = 8"),
+    "rank-max-above-dinov2": ({"pca": {"rank_max": 1024}, "train": {"rank": 8}},
+                              "pca.rank_max = 1024 exceeds the feature dimension 768 (the dinov2-vitb14-reg4 "
+                              "features)"),
+    "rank-max-above-standin": ({"features": {"encoder": {"name": "standin-vit"}},
+                                "standins": {"vit_dim": 16}, "pca": {"rank_max": 32}},
+                               "pca.rank_max = 32 exceeds the feature dimension 16 (standins.vit_dim)"),
+    "batch-above-demo": ({"demo_data": {"per_class": 3}, "train": {"batch_size": 64}},
+                         "train.batch_size = 64 exceeds the 30 images of demo_data.per_class = 3"),
+    "lr-1e39": ({"train": {"lr": 1e39}}, "train.lr = 1e+39 does not fit in float32"),
+}
+
+
+@pytest.mark.parametrize("case", CROSS_STAGE.values(), ids=CROSS_STAGE)
+def test_cross_stage_settings_are_refused_at_load(case, tmp_path):
+    from redi.config import load_config
+    from redi.errors import ConfigError
+
+    settings, message = case
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"dataset": {"name": "toy"}, **settings}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)
+    # the same keys in a run of the grid name the run
+    runs = {"dataset": {"name": "toy"}, "runs": {"bad": {k: v for k, v in settings.items() if k == "train"}}}
+    if "train" in settings and len(settings) == 1:
+        path.write_text(yaml.safe_dump(runs))
+        with pytest.raises(ConfigError, match="run 'bad'"):
+            expand_runs(load_config(path))
+
+
+def test_a_consistent_config_and_a_real_dataset_pass(tmp_path):
+    from redi.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"dataset": {"name": "toy", "root": "/data"}, "train": {"batch_size": 4096,
+                                    "rank": 32}, "pca": {"rank_max": 32}}))
+    assert load_config(path)["train"]["batch_size"] == 4096  # the folder's size is not known yet
+
+
+def test_lr_1e39_on_the_command_line_is_one_line(tmp_path, capsys):
+    args = ["--latents", "l.h5", "--features", "f.h5", "--out", str(tmp_path), "--lr", "1e39"]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert one_line_error(err, "train") == "redi train: error: invalid command line:"
+    assert err.splitlines()[-1].startswith("  train.lr = 1e+39 does not fit in float32")  # a line a problem
