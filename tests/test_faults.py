@@ -318,3 +318,121 @@ def test_lr_1e39_on_the_command_line_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert one_line_error(err, "train") == "redi train: error: invalid command line:"
     assert err.splitlines()[-1].startswith("  train.lr = 1e+39 does not fit in float32")  # a line a problem
+
+
+# --- 4. unreadable inputs and unwritable outputs: one line each ------------------------------------
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_older_one(tmp_path, capsys):
+    import torch
+    from test_train import train_cfg, write_inputs
+
+    from redi.train import train
+
+    latents, features = write_inputs(tmp_path / "data")
+    cfg = train_cfg(steps=6, ckpt_every=2, keep_checkpoints=3, log_every=2)
+    train(cfg, latents, features, tmp_path / "clean", "cpu", quiet=True)
+    run = tmp_path / "run"
+    train({**cfg, "steps": 4}, latents, features, run, "cpu", quiet=True)
+    truncate(run / "checkpoints" / "step-000000004.pt")
+    capsys.readouterr()
+    train(cfg, latents, features, run, "cpu", quiet=True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("redi train: warning: ")
+    assert "step-000000004.pt cannot be loaded" in warnings[0] and "resuming from an older" in warnings[0]
+    assert (run / "checkpoints" / "step-000000004.pt.unreadable").exists()
+    clean, resumed = (torch.load(p / "final.pt", weights_only=True) for p in (tmp_path / "clean", run))
+    assert resumed["step"] == 6
+    for key, value in clean["ema"].items():  # resumed from step 2: the same weights as never stopped
+        torch.testing.assert_close(resumed["ema"][key], value, rtol=0, atol=0)
+
+
+def test_an_unloadable_final_pt_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "final.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    assert main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
+    line = one_line_error(capsys.readouterr().err, "sample")
+    assert f"{bad} cannot be loaded (" in line and "delete it and rerun" in line
+    assert not (tmp_path / "s" / "samples.npz").exists()
+
+
+def test_object_arrays_in_an_npz_are_refused_without_unpickling(tmp_path, capsys):
+    from redi.errors import ReDiError
+    from redi.pca import load_pca
+
+    ref = tmp_path / "reference.npz"
+    np.savez(ref, mu=np.zeros(3), sigma=np.array([{"a": 1}], dtype=object))
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    assert main(["evaluate", "--reference", str(ref), "--samples", str(samples), "--out",
+                 str(tmp_path / "m.json"), "--device", "cpu"]) == 2
+    line = one_line_error(capsys.readouterr().err, "evaluate")
+    assert f"reference statistics {ref} cannot be read: it holds object arrays" in line
+    assert not (tmp_path / "m.json").exists()
+    np.savez(tmp_path / "pca.npz", components=np.array([None], dtype=object))
+    with pytest.raises(ReDiError, match="PCA file .*pca.npz cannot be read: it holds object arrays"):
+        load_pca(tmp_path / "pca.npz")
+    truncate(ref)
+    with pytest.raises(ReDiError, match="it is not a complete .npz"):
+        load_pca(ref)
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def png_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["../000000000.png", "evil.png", "000000000.exe"])
+def test_bad_tar_member_names_are_one_line(name, tmp_path):
+    from redi.data.reader import iter_batches
+    from redi.errors import ReDiError
+    from redi.sample import read_shard
+
+    shard = tmp_path / "shard-000000.tar"
+    write_tar(shard, {"000000001.png": png_bytes(), name: png_bytes()})
+    with pytest.raises(ReDiError, match=f"holds '{re.escape(name)}', not <index>.png"):
+        read_shard(shard)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"shards": [{"file": "shard-000000.tar", "first_index": 0, "count": 2}]}')
+    write_tar(shard, {"000000000.png": png_bytes(), "000000000.cls": b"0", name: png_bytes()})
+    if name.endswith(".exe"):  # an extra file of a good sample: the data reader takes png + cls only
+        assert [len(images) for _, images, _ in iter_batches(manifest, batch_size=4)] == [1]
+        return
+    with pytest.raises(ReDiError, match="not <index>.png \\+ <index>.cls: rerun the shard stage"):
+        list(iter_batches(manifest, batch_size=4))
+
+
+def test_a_read_only_results_folder_is_one_line_and_resumes_when_writable(small_disk, tmp_path):
+    if not small_disk.tmpfs:
+        pytest.skip("needs a filesystem to remount read-only (root and tmpfs)")
+    features = tmp_path / "features.h5"
+    with h5py.File(features, "w") as f:
+        f["tokens"] = np.random.default_rng(0).standard_normal((20, 16, 64)).astype(np.float16)
+    (tmp_path / "manifest.json").write_text("{}")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk.folder)], check=True)
+    out = small_disk.folder / "pca" / "pca.npz"
+    done = small_disk.run(["fit-pca", "--features", str(features), "--out", str(out)])
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = one_line_error(done.stderr, "fit-pca")
+    assert "Read-only file system; make the results folder writable" in line, line
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk.folder)], check=True)
+    assert small_disk.run(["fit-pca", "--features", str(features), "--out", str(out)]).returncode == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["manifest.json", "pca.npz"]
