@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import importlib
+import os
 import sys
 
 from .config import add_config_flags, config_from_args, key_table
-from .errors import ReDiError
+from .errors import ReDiError, WriteFailure
 
 # The config keys each stage reads: {section: [keys] or None for all}. Snakemake's rules pass
 # exactly these as flags and hash them, so a stage reruns when, and only when, its keys change.
@@ -186,8 +188,29 @@ def main(argv: list[str] | None = None) -> int:
         getattr(importlib.import_module(module), function)(args, stage_config(config, args.stage))
     except ReDiError as err:
         print(f"redi {args.stage}: error: {err}", file=sys.stderr)
+        if isinstance(err, WriteFailure):  # HDF5 would crash closing the failed file at exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
+        return 2
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        print(f"redi {args.stage}: error: {_os_error(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+# What a full disk, a quota or a read-only / unwritable results folder raise.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _os_error(err: OSError) -> str:
+    """One line for a write the system refused: the file, the reason and the fix."""
+    where = f"{err.filename}: " if err.filename else ""
+    fix = ("free space and rerun" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+           else "make the results folder writable (or choose another) and rerun")
+    return f"{where}{err.strerror}; {fix}"
 
 
 if __name__ == "__main__":

@@ -74,8 +74,12 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{key}: {error.message}"
 
 
-def validate_config(config: dict, source: str = "config") -> dict:
-    """Return a copy of `config` with defaults filled; raise ConfigError naming each bad key."""
+def validate_config(config: dict, source: str = "config", cross_checks: bool = True) -> dict:
+    """Return a copy of `config` with defaults filled; raise ConfigError naming each bad key.
+
+    `cross_checks`: also refuse settings of different stages that cannot work together (see
+    cross_stage_errors); off where the other stages' keys are only schema defaults.
+    """
     config = copy.deepcopy(config) if config is not None else {}
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(config).__name__}")
@@ -83,7 +87,49 @@ def validate_config(config: dict, source: str = "config") -> dict:
     if errors:
         lines = "\n  ".join(_describe(e) for e in errors)
         raise ConfigError(f"invalid {source}:\n  {lines}")
+    problems = value_errors(config) + (cross_stage_errors(config) if cross_checks else [])
+    if problems:
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(problems))
     return config
+
+
+# Patch-token width of the feature encoders whose architecture the name fixes.
+FEATURE_DIMS = {"dinov2-vitb14-reg4": 768}
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def cross_stage_errors(config: dict) -> list[str]:
+    """Settings that pass the schema but would fail a later stage after earlier ones ran."""
+    problems = []
+    train, pca = config["train"], config["pca"]
+    if train["rank"] > pca["rank_max"]:
+        problems.append(f"train.rank = {train['rank']} exceeds pca.rank_max = {pca['rank_max']}, the PCA "
+                        f"channels project-features stores: lower train.rank or raise pca.rank_max")
+    encoder = config["features"]["encoder"]
+    dim = FEATURE_DIMS.get(encoder["name"])
+    if encoder["name"] == "standin-vit" and not encoder["weights"]:
+        dim, where = config["standins"]["vit_dim"], "standins.vit_dim"
+    else:
+        where = f"the {encoder['name']} features"
+    if dim is not None and pca["rank_max"] > dim:
+        problems.append(f"pca.rank_max = {pca['rank_max']} exceeds the feature dimension {dim} "
+                        f"({where}): lower pca.rank_max")
+    if config["dataset"]["root"] is None:  # the demo digits: their count is known now
+        images = 10 * config["demo_data"]["per_class"]
+        if train["batch_size"] > images:
+            problems.append(f"train.batch_size = {train['batch_size']} exceeds the {images} images of "
+                            f"demo_data.per_class = {config['demo_data']['per_class']} x 10 classes: "
+                            f"lower train.batch_size or raise demo_data.per_class")
+    return problems
+
+
+def value_errors(config: dict) -> list[str]:
+    """Values the schema's types allow but the code cannot use."""
+    lr = config["train"]["lr"]
+    if lr < FLOAT32_MAX:
+        return []
+    return [f"train.lr = {lr:g} does not fit in float32 (at most {FLOAT32_MAX:.3g}), the precision of the "
+            f"optimizer's update: use a learning rate below 1"]
 
 
 def load_config(path: str | Path) -> dict:
@@ -220,7 +266,9 @@ def config_from_args(args: argparse.Namespace, sections: list[str]) -> dict:
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
-    return validate_config(config, source="command line")
+    # other stages' keys are schema defaults unless a config file gives them
+    given = bool(getattr(args, "configfile", None))
+    return validate_config(config, source="command line", cross_checks=given)
 
 
 def key_table(

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import uuid
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,15 +20,30 @@ from . import __version__
 from .errors import ReDiError
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to the disk: a write error shows up here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file is fsynced before the rename, so a full disk fails the block instead of leaving a
+    short file under the final name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -60,6 +76,36 @@ def write_npz(path: str | os.PathLike, **arrays: Any) -> None:
     the temporary name)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
+
+
+def save_torch(path: str | os.PathLike, state: Any) -> None:
+    """torch.save, atomically; a failed write (torch says only 'unexpected pos') becomes one line."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as err:
+            free = shutil.disk_usage(Path(path).parent).free
+            raise ReDiError(f"could not write {path} ({free / 2**20:.1f} MiB free there; torch: "
+                            f"{str(err).splitlines()[0]}): free space and rerun") from None
+
+
+def load_npz(path: str | os.PathLike, what: str, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz (all, or those of `keys` present), never unpickling: object arrays,
+    a corrupt zip or a bad header are one ReDiError naming the file."""
+    path = require_file(path, what)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files if keys is None or k in keys}
+    except ValueError as err:
+        reason = ("it holds object arrays, which would need unpickling" if "allow_pickle" in str(err)
+                  else str(err).splitlines()[0])
+        raise ReDiError(f"{what} {path} cannot be read: {reason}; rewrite it with plain numeric "
+                        f"arrays") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ReDiError(f"{what} {path} cannot be read ({type(err).__name__}: {err}); it is not a complete "
+                        f".npz: rewrite it") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

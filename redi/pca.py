@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .io import require_file, write_manifest, write_npz
+from .io import load_npz, require_file, write_manifest, write_npz
 from .progress import progress
 
 
@@ -93,8 +93,7 @@ def save_pca(path: str | os.PathLike, pca: dict[str, np.ndarray]) -> None:
 
 def load_pca(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a pca.npz written by fit-pca."""
-    with np.load(require_file(path, "PCA file"), allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    return load_npz(path, "PCA file")
 
 
 def iter_token_chunks(features_path: str | os.PathLike, rows_per_chunk: int = 32) -> Iterator[np.ndarray]:

@@ -271,13 +271,22 @@ def write_shard(path: Path, indices: list[int], images: np.ndarray, reps: np.nda
                 writer.write(sample)
 
 
+SHARD_MEMBERS = {"png", "rep.png", "cls"}
+
+
 def read_shard(path: Path) -> dict[str, np.ndarray]:
     """A sample shard back as arrays: index, images, reps (if any), labels (if any), in index order."""
     found: dict[int, dict] = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key, _, ext = member.name.partition(".")
-            found.setdefault(int(key), {})[ext] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                if not (member.isfile() and key.isdigit() and ext in SHARD_MEMBERS):
+                    raise ReDiError(f"sample shard {path} holds {member.name!r}, not <index>.png / "
+                                    f".rep.png / .cls: delete the shard and rerun to regenerate it")
+                found.setdefault(int(key), {})[ext] = tar.extractfile(member).read()
+    except tarfile.TarError as err:
+        raise ReDiError(f"sample shard {path} is not a readable tar ({err}): delete it and rerun") from None
     keys = sorted(found)
     out = {"index": np.array(keys, dtype=np.int64),
            "images": np.stack([np.array(Image.open(io.BytesIO(found[k]["png"]))) for k in keys])}

@@ -33,7 +33,7 @@ from .data.training_data import TrainingData, stream_seed
 from .devices import resolve_device
 from .diffusion import build_objective
 from .errors import ReDiError
-from .io import atomic_path, write_manifest
+from .io import atomic_path, save_torch, write_manifest
 from .models import build_model
 from .progress import progress
 
@@ -128,8 +128,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
     """Write checkpoints/step-<step>.pt atomically; drop the oldest beyond `keep`."""
     path = out_dir / CHECKPOINTS / f"step-{state['step']:09d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(path, state)
     for old in sorted((out_dir / CHECKPOINTS).glob("step-*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -141,8 +140,28 @@ def snapshot_path(train_dir: str | Path, step: int) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint, tensors on CPU (weights_only: no code runs on load)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint, tensors on CPU (weights_only: no code runs on load); ReDiError if unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or objects weights_only refuses
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ReDiError(f"{path} cannot be loaded ({reason}); delete it and rerun the stage that "
+                        f"writes it") from None
+
+
+def resume_checkpoint(out_dir: Path, set_aside: bool = True) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads, and its state. Unreadable newer ones (a truncated copy, a
+    disk error) are skipped; with `set_aside` (rank 0) renamed `<name>.unreadable` with a warning."""
+    for path in sorted((out_dir / CHECKPOINTS).glob("step-*.pt"), reverse=True):
+        try:
+            return path, load_checkpoint(path)
+        except ReDiError as err:
+            if set_aside and path.exists():
+                aside = path.with_name(path.name + ".unreadable")
+                print(f"redi train: warning: {err}; set aside as {aside.name}, resuming from an older "
+                      f"checkpoint", file=sys.stderr)
+                os.replace(path, aside)
+    return None, None
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -205,8 +224,7 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
                             fused=device.type == "cuda")
     step, metrics_path = 0, out_dir / "metrics.jsonl"
     code = stage_code_version("train")
-    resume = latest_checkpoint(out_dir)
-    state = load_checkpoint(resume) if resume is not None else None
+    resume, state = resume_checkpoint(out_dir, set_aside=rank == 0)
     if state is not None and state.get("code_version") != code:
         if rank == 0:
             _set_aside(out_dir, state.get("code_version"), code)
@@ -315,8 +333,7 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
 
 def save_sampling_weights(path: Path, state: dict) -> None:
     """final.pt or a snapshot: the EMA weights and what sampling needs to know (atomic)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(path, state)
 
 
 def _replica_checksums(model: nn.Module, world: int, device: torch.device) -> list[float]:

@@ -133,23 +133,24 @@ def test_flags_override_configfile(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
         "dataset": {"name": "fromfile", "num_classes": 3},
-        "shard": {"image_size": 64, "shard_size": 7, "workers": 1},
+        "shard": {"image_size": 64, "shard_size": 7, "workers": 1, "max_pixels": 5000, "max_aspect_ratio": 4},
         "pca": {"rank_max": 12},
     }))
     args = parse("shard", "--input", "in", "--out", "out", "--configfile", str(config),
-                 "--image-size", "32", "--workers", "0")
+                 "--image-size", "32", "--workers", "0", "--max-aspect-ratio", "2.5")
     full = config_from_args(args, list(STAGE_KEYS["shard"]))
-    assert full["shard"] == {"image_size": 32, "shard_size": 7, "workers": 0}
+    shard = {"image_size": 32, "shard_size": 7, "workers": 0, "max_pixels": 5000, "max_aspect_ratio": 2.5}
+    assert full["shard"] == shard
     assert full["dataset"]["name"] == "fromfile" and full["dataset"]["num_classes"] == 3
     assert full["pca"]["rank_max"] == 12  # other sections of the file are kept in the full config
-    assert stage_config(full, "shard") == {"shard": {"image_size": 32, "shard_size": 7, "workers": 0},
-                                           "dataset": {"num_classes": 3}}
+    assert stage_config(full, "shard") == {"shard": shard, "dataset": {"num_classes": 3}}
 
 
 def test_flags_without_configfile_use_schema_defaults():
     args = parse("shard", "--input", "in", "--out", "out", "--shard-size", "5")
     cfg = stage_config(config_from_args(args, list(STAGE_KEYS["shard"])), "shard")
-    assert cfg == {"shard": {"image_size": 256, "shard_size": 5, "workers": 2},
+    assert cfg == {"shard": {"image_size": 256, "shard_size": 5, "workers": 2, "max_pixels": 100_000_000,
+                             "max_aspect_ratio": 20},
                    "dataset": {"num_classes": 1000}}
 
 
@@ -197,7 +198,8 @@ def test_stage_config_selects_keys_per_stage():
         "latents": {"flip": True},
     }
     assert stage_config(full, "fit-pca") == {}
-    assert set(stage_config(full, "shard", resources=False)["shard"]) == {"image_size", "shard_size"}
+    assert set(stage_config(full, "shard", resources=False)["shard"]) == {
+        "image_size", "shard_size", "max_pixels", "max_aspect_ratio"}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -265,7 +267,8 @@ def test_demo_data_then_shard(tmp_path, capsys):
     assert manifest["classes"] == [str(d) for d in range(10)]
     assert [s["count"] for s in manifest["shards"]] == [8, 8, 4]
     assert all((shards / s["file"]).is_file() for s in manifest["shards"])
-    assert manifest["config"] == {"shard": {"image_size": 32, "shard_size": 8, "workers": 0},
+    assert manifest["config"] == {"shard": {"image_size": 32, "shard_size": 8, "workers": 0,
+                                            "max_pixels": 100_000_000, "max_aspect_ratio": 20},
                                   "dataset": {"num_classes": 10}}
     assert len(manifest["config_hash"]) == 12
     assert "Traceback" not in capsys.readouterr().err

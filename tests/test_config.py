@@ -41,7 +41,8 @@ def test_defaults_are_filled_for_missing_sections():
     config = validate_config(MINIMAL)
     assert config["pca"]["rank_max"] == 32
     assert config["pca"]["sample_images"] == 300000
-    assert config["shard"] == {"image_size": 256, "shard_size": 1000, "workers": 2}
+    assert config["shard"] == {"image_size": 256, "shard_size": 1000, "workers": 2,
+                               "max_pixels": 100_000_000, "max_aspect_ratio": 20}
     assert config["dataset"] == {"name": "toy", "root": None, "num_classes": 1000}
     assert config["latents"]["encoder"] == {"name": "sd-vae", "weights": "stabilityai/sd-vae-ft-ema"}
     assert config["features"]["encoder"] == {"name": "dinov2-vitb14-reg4", "weights": None}
@@ -176,7 +177,7 @@ def test_source_is_named_in_the_error():
 
 def test_load_config_round_trip(tmp_path):
     wanted = {"dataset": {"name": "toy", "root": "/data/toy", "num_classes": 7},
-              "pca": {"rank_max": 4, "sample_images": 100},
+              "pca": {"rank_max": 4, "sample_images": 100}, "train": {"rank": 4},
               "latents": {"encoder": {"name": "standin-vae", "weights": "out/vae"}, "flip": False},
               "standins": {"vae_channels": [8, 16], "holdout": 0.25}}
     path = tmp_path / "config.yaml"
@@ -318,7 +319,8 @@ def test_boolean_enum_nullable_and_nested_flags():
 def test_config_from_args_defaults_then_file_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"dataset": {"name": "fromfile"},
-                                    "pca": {"rank_max": 16, "seed": 5}, "shard": {"workers": 0}}))
+                                    "pca": {"rank_max": 16, "seed": 5}, "shard": {"workers": 0},
+                                    "train": {"rank": 4}}))
     parser = parser_for({"pca": None, "shard": None})
     config = config_from_args(parser.parse_args(["--configfile", str(path), "--rank-max", "4"]),
                               ["pca", "shard"])

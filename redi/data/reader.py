@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..errors import ReDiError
 from ..io import read_manifest
 
 
@@ -24,7 +25,11 @@ def shard_paths(manifest_path: str | os.PathLike, todo: np.ndarray | None = None
 
 
 def _decode(sample: dict) -> tuple[int, np.ndarray, int]:
-    return int(sample["__key__"]), np.array(sample["png"]), int(sample["cls"])  # writable copy
+    key = sample["__key__"]
+    if not key.isdigit() or "png" not in sample or "cls" not in sample:
+        raise ReDiError(f"{sample.get('__url__', 'a shard')} holds {key!r} with {sorted(sample)}, not "
+                        f"<index>.png + <index>.cls: rerun the shard stage")
+    return int(key), np.array(sample["png"]), int(sample["cls"])  # writable copy
 
 
 def iter_batches(
@@ -47,7 +52,7 @@ def iter_batches(
         urls, shardshuffle=False, nodesplitter=lambda u: u, empty_check=False
     )
     if todo is not None:
-        dataset = dataset.select(lambda s: bool(todo[int(s["__key__"])]))
+        dataset = dataset.select(lambda s: not s["__key__"].isdigit() or bool(todo[int(s["__key__"])]))
     dataset = dataset.decode("rgb8").map(_decode)
     workers = min(workers, len(urls))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)

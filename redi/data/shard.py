@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import stat
 import sys
 import time
 from collections import Counter
@@ -24,9 +25,14 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 
 
 def list_image_folder(
-    root: str | os.PathLike, num_classes: int | None = None
+    root: str | os.PathLike, num_classes: int | None = None, skipped: list[dict] | None = None
 ) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted folder names -> labels 0..C-1) and every (file, label), sorted."""
+    """Class names (sorted folder names -> labels 0..C-1) and every (file, label), sorted.
+
+    Entries that are no regular file inside `root` (dangling symlinks, symlinks leaving the
+    folder, FIFOs, devices, folders) are left out and appended to `skipped` with the reason: they
+    are never opened, so a FIFO cannot block the stage and a link cannot pull in outside data.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ReDiError(f"input folder not found: {root} (expected <root>/<class>/<image>)")
@@ -38,23 +44,59 @@ def list_image_folder(
             f"{root} has {len(classes)} class folders but dataset.num_classes is {num_classes}"
         )
     items = []
+    inside = root.resolve()
     for label, name in enumerate(classes):
-        files = sorted(
-            f for f in (root / name).iterdir() if f.is_file() and not f.name.startswith(".")
-        )
-        if not files:
+        entries = sorted(f for f in (root / name).iterdir() if not f.name.startswith("."))
+        if not entries:
             raise ReDiError(f"empty class folder: {root / name} (add its images or remove it)")
-        items.extend((f, label) for f in files)
+        for entry in entries:
+            reason = unusable_entry(entry, inside)
+            if reason is None:
+                items.append((entry, label))
+            elif skipped is not None:
+                skipped.append({"path": str(entry), "reason": reason})
     return classes, items
 
 
-def load_cropped_png(job: tuple[Path, int]) -> tuple[bytes | None, str | None]:
-    """Decode one image, ADM-crop it and re-encode as PNG; on failure return the reason instead."""
-    path, size = job
+def unusable_entry(entry: Path, root: Path) -> str | None:
+    """Why a folder entry cannot be an image of the dataset rooted at `root` (resolved), or None."""
+    if entry.is_symlink():
+        target = entry.resolve()
+        if not target.is_relative_to(root):
+            return f"symlink leaving the dataset folder (-> {target})"
+        if not target.exists():
+            return f"dangling symlink (-> {target})"
+    try:
+        mode = entry.stat().st_mode
+    except OSError as err:
+        return f"cannot stat: {err.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
+            stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+    return f"not a regular file ({next((v for k, v in kind.items() if k(mode)), 'special file')})"
+
+
+def load_cropped_png(job: tuple[Path, int, int, float]) -> tuple[bytes | None, str | None]:
+    """Decode one image, ADM-crop it and re-encode as PNG; on failure return the reason instead.
+
+    The size caps are checked on the header, before any pixel is decoded or resized: a 370-byte
+    300000x1 PNG would otherwise be scaled up to gigabytes.
+    """
+    path, size, max_pixels, max_aspect = job
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return None, (f"{width}x{height} = {width * height} pixels exceeds shard.max_pixels = "
+                              f"{max_pixels}")
+            if max(width, height) > max_aspect * min(width, height):
+                return None, (f"aspect ratio of {width}x{height} exceeds shard.max_aspect_ratio = "
+                              f"{max_aspect:g}")
             image.load()
             pixels = adm_center_crop(image, size)
+    except ValueError as err:  # a pixel format with no sound 8-bit scaling (see to_rgb8)
+        return None, str(err)
     except Exception as err:  # any unreadable file is reported and skipped, never fatal
         return None, f"{type(err).__name__}: {err}"
     buffer = io.BytesIO()
@@ -96,18 +138,23 @@ def write_shards(
     workers: int = 2,
     num_classes: int | None = None,
     config: dict | None = None,
+    max_pixels: int = 100_000_000,
+    max_aspect_ratio: float = 20.0,
 ) -> dict:
-    """Shard an image folder; unreadable files are listed in the manifest and skipped."""
+    """Shard an image folder; unreadable or unusable files are listed in the manifest and skipped."""
     start = time.time()
-    classes, items = list_image_folder(root, num_classes)
+    skipped: list[dict] = []
+    classes, items = list_image_folder(root, num_classes, skipped)
+    entries = len(items) + len(skipped)
+    for entry in skipped:
+        tqdm.write(f"skipped {entry['path']}: {entry['reason']}", file=sys.stderr)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for partial in out_dir.glob(".shard-*.partial"):  # left by a killed run
         partial.unlink()
     writer = _ShardWriter(out_dir, shard_size)
     counts: Counter[str] = Counter()
-    skipped = []
-    jobs = [(path, image_size) for path, _ in items]
+    jobs = [(path, image_size, max_pixels, max_aspect_ratio) for path, _ in items]
     with Pool(workers) if workers > 0 else _InProcess() as pool:
         results = pool.imap(load_cropped_png, jobs, chunksize=16)
         for (path, label), (png, reason) in zip(
@@ -125,7 +172,7 @@ def write_shards(
         if stale.name not in written:
             stale.unlink()
     if not counts:
-        raise ReDiError(f"no readable image in {root}: all {len(items)} files were skipped")
+        raise ReDiError(f"no readable image in {root}: all {entries} entries were skipped")
     return write_manifest(
         out_dir / "manifest.json", "shard", config or {},
         source=str(root), image_size=image_size, num_samples=sum(counts.values()),
@@ -153,4 +200,5 @@ def run_stage(args: argparse.Namespace, cfg: dict) -> None:
     """`redi shard`."""
     s = cfg["shard"]
     write_shards(args.input, args.out, s["image_size"], s["shard_size"], s["workers"],
-                 num_classes=cfg["dataset"]["num_classes"], config=cfg)
+                 num_classes=cfg["dataset"]["num_classes"], config=cfg, max_pixels=s["max_pixels"],
+                 max_aspect_ratio=s["max_aspect_ratio"])

@@ -22,7 +22,16 @@ from PIL import Image
 from ..data.reader import iter_batches
 from ..devices import resolve_device
 from ..errors import ReDiError
-from ..io import atomic_path, fingerprint, read_manifest, require_file, write_json, write_manifest, write_npz
+from ..io import (
+    atomic_path,
+    fingerprint,
+    load_npz,
+    read_manifest,
+    require_file,
+    write_json,
+    write_manifest,
+    write_npz,
+)
 from ..progress import progress
 from .inception import NO_LOGITS, InceptionFeatures, convert_tf_inception, fid_helper_torchscript
 from .scores import frechet_distance, gaussian_stats, inception_score, precision_recall
@@ -150,9 +159,9 @@ def stats_of(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def read_reference(path: str | Path) -> dict[str, np.ndarray]:
     """Statistics (and P/R activations, if any) of a reference npz; arr_0 images are not loaded."""
-    with np.load(require_file(path, "reference statistics")) as ref:
-        out = {key: ref[key] for key in ("mu", "sigma", "mu_s", "sigma_s", "acts") if key in ref.files}
-        out["has_images"] = "arr_0" in ref.files
+    out = load_npz(path, "reference statistics", ["mu", "sigma", "mu_s", "sigma_s", "acts"])
+    with zipfile.ZipFile(path) as archive:  # a readable npz: load_npz opened it
+        out["has_images"] = "arr_0.npy" in archive.namelist()
     return out
 
 

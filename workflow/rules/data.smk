@@ -12,7 +12,7 @@ rule demo_data:
         out=output_dir,
         flags=cli_flags("demo-data"),
     shell:
-        "redi demo-data --out {params.out} {params.flags} > {log} 2>&1"
+        "redi demo-data --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule shard:
@@ -34,7 +34,7 @@ rule shard:
         out=output_dir,
         flags=cli_flags("shard"),
     shell:
-        "redi shard --input {params.root:q} --out {params.out} {params.flags} {resources.speed} > {log} 2>&1"
+        "redi shard --input {params.root:q} --out {params.out:q} {params.flags} {resources.speed} > {log:q} 2>&1"
 
 
 rule train_standin_vae:
@@ -54,7 +54,7 @@ rule train_standin_vae:
         out=output_dir,
         flags=cli_flags("train-standin-vae"),
     shell:
-        "redi train-standin-vae --shards {input} --out {params.out} {params.flags} > {log} 2>&1"
+        "redi train-standin-vae --shards {input:q} --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule train_standin_vit:
@@ -74,7 +74,7 @@ rule train_standin_vit:
         out=output_dir,
         flags=cli_flags("train-standin-vit"),
     shell:
-        "redi train-standin-vit --shards {input} --out {params.out} {params.flags} > {log} 2>&1"
+        "redi train-standin-vit --shards {input:q} --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule encode_latents:
@@ -98,6 +98,6 @@ rule encode_latents:
     params:
         flags=encoder_flags("encode-latents", "latents"),
     shell:
-        "redi encode-latents --shards {input.shards} --out {output.latents} {params.flags}"
+        "redi encode-latents --shards {input.shards:q} --out {output.latents:q} {params.flags}"
         " {resources.speed}"
-        " --device {resources.device} > {log} 2>&1"
+        " --device {resources.device:q} > {log:q} 2>&1"

@@ -10,7 +10,7 @@ rule convert_inception:
     conda:
         CONDA_ENV
     shell:
-        "redi convert-inception --out {output.weights} > {log} 2>&1"
+        "redi convert-inception --out {output.weights:q} > {log:q} 2>&1"
 
 
 rule reference_stats:
@@ -33,8 +33,8 @@ rule reference_stats:
     params:
         flags=inception_flags("reference-stats"),
     shell:
-        "redi reference-stats --source {input.source} --out {output.reference} {params.flags}"
-        " {resources.speed} --device {resources.device} > {log} 2>&1"
+        "redi reference-stats --source {input.source:q} --out {output.reference:q} {params.flags}"
+        " {resources.speed} --device {resources.device:q} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -64,8 +64,8 @@ rule evaluate:
     params:
         flags=lambda w: inception_flags("evaluate", w.run),
     shell:
-        "redi evaluate --reference {input.reference} --samples {input.samples} --out {output.metrics}"
-        " {params.flags} {resources.speed} --device {resources.device} > {log} 2>&1"
+        "redi evaluate --reference {input.reference:q} --samples {input.samples:q} --out {output.metrics:q}"
+        " {params.flags} {resources.speed} --device {resources.device:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -102,4 +102,4 @@ rule report:
         out=output_dir,
         runs=report_runs(),
     shell:
-        "redi report --runs {params.runs} --out {params.out} > {log} 2>&1"
+        "redi report --runs {params.runs} --out {params.out:q} > {log:q} 2>&1"

@@ -22,9 +22,9 @@ rule extract_features:
     params:
         flags=encoder_flags("extract-features", "features"),
     shell:
-        "redi extract-features --shards {input.shards} --out {output.features} {params.flags}"
+        "redi extract-features --shards {input.shards:q} --out {output.features:q} {params.flags}"
         " {resources.speed}"
-        " --device {resources.device} > {log} 2>&1"
+        " --device {resources.device:q} > {log:q} 2>&1"
 
 
 if config["pca"]["official"]:
@@ -59,7 +59,7 @@ else:
         conda:
             CONDA_ENV
         shell:
-            "redi fit-pca --features {input} --out {output.pca} > {log} 2>&1"
+            "redi fit-pca --features {input:q} --out {output.pca:q} > {log:q} 2>&1"
 
 
 rule project_features:
@@ -84,6 +84,6 @@ rule project_features:
     params:
         flags=encoder_flags("project-features", "features"),
     shell:
-        "redi project-features --shards {input.shards} --pca {input.pca} --out {output.features}"
+        "redi project-features --shards {input.shards:q} --pca {input.pca:q} --out {output.features:q}"
         " {params.flags} {resources.speed}"
-        " --device {resources.device} > {log} 2>&1"
+        " --device {resources.device:q} > {log:q} 2>&1"

@@ -33,5 +33,5 @@ rule sample:
         launcher=launcher,
         weights=sample_weights,
     shell:
-        "{params.launcher} sample --checkpoint {params.weights} --out {params.out} {params.flags}"
-        " {resources.speed} --device {resources.device} > {log} 2>&1"
+        "{params.launcher} sample --checkpoint {params.weights:q} --out {params.out:q} {params.flags}"
+        " {resources.speed} --device {resources.device:q} > {log:q} 2>&1"

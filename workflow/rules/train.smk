@@ -32,5 +32,5 @@ rule train:
         flags=lambda w: cli_flags("train", w.run),
         launcher=launcher,
     shell:
-        "{params.launcher} train --latents {input.latents} --features {input.features}"
-        " --out {params.out} {params.flags} {resources.speed} --device {resources.device} > {log} 2>&1"
+        "{params.launcher} train --latents {input.latents:q} --features {input.features:q}"
+        " --out {params.out:q} {params.flags} {resources.speed} --device {resources.device:q} > {log:q} 2>&1"
