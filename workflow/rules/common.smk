@@ -137,8 +137,13 @@ CODE = {
         "redi/encoders/vae.py",
     ],
     "convert-inception": ["redi/metrics/inception.py", "redi/metrics/evaluate.py"],
-    "reference-stats": ["redi/metrics", "redi/data/reader.py"],
-    "evaluate": ["redi/metrics"],
+    "reference-stats": [
+        "redi/metrics",
+        "redi/pca.py",
+        "redi/data/reader.py",
+        "redi/encoders/vit.py",
+    ],
+    "evaluate": ["redi/metrics", "redi/encoders/vit.py"],
     "report": ["redi/report.py"],
 }
 
