@@ -144,7 +144,7 @@ CODE = {
         "redi/encoders/vit.py",
     ],
     "evaluate": ["redi/metrics", "redi/encoders/vit.py"],
-    "report": ["redi/report.py"],
+    "report": ["redi/report.py", "redi/metrics/evaluate.py"],
 }
 
 
@@ -437,6 +437,7 @@ def report_runs():
             "tables": s["tables"],
             "metrics": metrics_file(n),
             "curve": s["curve"],
+            "train_run": s["train_run"],
             "step": s["sample"]["train_step"] or s["train"]["steps"],
         }
         for n, s in RUNS.items()
