@@ -97,7 +97,7 @@ import zipfile  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from redi.cli import main as redi_main  # noqa: E402
-from redi.io import write_npz  # noqa: E402
+from redi.io import sha256_file, write_npz  # noqa: E402
 from redi.metrics import reference  # noqa: E402
 from redi.metrics.evaluate import (  # noqa: E402
     FeatureSet,
@@ -313,3 +313,39 @@ def test_reference_stats_resume_after_a_kill_equals_an_uninterrupted_run(tmp_pat
     pool = extract(features, npz_images(tmp_path / "images.npz", 3), 8)["pool"]
     np.testing.assert_allclose(a["mu"], pool.mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(a["sigma"], np.cov(pool, rowvar=False), rtol=1e-5, atol=1e-9)
+
+
+def test_fd_dinov2_is_computed_when_configured_and_absent_otherwise(tmp_path, converted):
+    import timm
+    from timm.models import save_for_hf
+
+    from redi.metrics.dinov2 import ARCH, load_dinov2
+    from redi.metrics.scores import frechet_distance, gaussian_stats
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tiny = {"img_size": 224, "num_classes": 0, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    save_for_hf(timm.create_model(ARCH, pretrained=False, **tiny), tmp_path / "dinov2", model_args=tiny)
+    reference_images, samples = adm_images(6, 5), adm_images(6, 6, shift=30)
+    np.savez(tmp_path / "images.npz", arr_0=reference_images)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    weights = str(tmp_path / "dinov2")
+    reference_stats(tmp_path / "images.npz", tmp_path / "ref.npz", str(converted), batch_size=4, device="cpu",
+                    dinov2_weights=weights)
+    with_dino = evaluate(tmp_path / "ref.npz", tmp_path / "samples.npz", str(converted), batch_size=4,
+                         device="cpu", dinov2_weights=weights)
+    dino = load_dinov2(weights)
+    expected = frechet_distance(*gaussian_stats(dino(reference_images).double().numpy()),
+                                *gaussian_stats(dino(samples).double().numpy()))
+    assert with_dino["fd_dinov2"] == pytest.approx(expected, rel=1e-6) and expected > 0
+    assert with_dino["fd_dinov2_weights_id"].startswith("sha256:")
+    without = evaluate(tmp_path / "ref.npz", tmp_path / "samples.npz", str(converted), batch_size=4,
+                       device="cpu")
+    assert "fd_dinov2" not in without and without["fid"] == pytest.approx(with_dino["fid"])
+    assert without["reference_sha256"] == sha256_file(tmp_path / "ref.npz")[:12]
+    assert without["reference_images"] == 6 and without["inception_weights_id"].startswith("sha256:")
+    reference_stats(tmp_path / "images.npz", tmp_path / "plain.npz", str(converted), batch_size=4,
+                    device="cpu")
+    with pytest.raises(ReDiError, match="no DINOv2 statistics"):
+        evaluate(tmp_path / "plain.npz", tmp_path / "samples.npz", str(converted), device="cpu",
+                 dinov2_weights=weights)
