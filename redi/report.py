@@ -195,8 +195,9 @@ def latex(tables: dict[str, pd.DataFrame]) -> str:
     return "\n".join(out)
 
 
-def sample_mosaic(samples_dir: str | Path, conditional: bool) -> np.ndarray | None:
-    """A run's samples as one image: one row per class (conditional), else a plain 8 x 8 grid.
+def sample_mosaic(samples_dir: str | Path, conditional: bool) -> tuple[np.ndarray, list[int]] | None:
+    """A run's samples as one image and its rows' classes: one row per class (conditional; short rows
+    when a class has fewer samples), else a plain 8 x 8 grid (no classes).
 
     Reads samples.npz (arr_0 images, arr_1 labels) in batches and stops as soon as the rows are full,
     so 50,000 ImageNet samples are never loaded whole.
@@ -210,7 +211,7 @@ def sample_mosaic(samples_dir: str | Path, conditional: bool) -> np.ndarray | No
         labels = data["arr_1"] if conditional and "arr_1" in data.files else None
     if labels is None:
         images = np.concatenate(list(npz_images(path, GRID_COLUMNS ** 2, limit=GRID_COLUMNS ** 2)))
-        return tile([images[i:i + GRID_COLUMNS] for i in range(0, len(images), GRID_COLUMNS)])
+        return tile([images[i:i + GRID_COLUMNS] for i in range(0, len(images), GRID_COLUMNS)]), []
     classes = np.unique(labels)[:GRID_CLASSES]
     rows: dict[int, list[np.ndarray]] = {int(c): [] for c in classes}
     start = 0
@@ -221,7 +222,7 @@ def sample_mosaic(samples_dir: str | Path, conditional: bool) -> np.ndarray | No
         start += len(batch)
         if all(len(r) == GRID_COLUMNS for r in rows.values()):
             break
-    return tile([np.stack(r) for r in rows.values() if r])
+    return tile([np.stack(r) for r in rows.values() if r]), [c for c, r in rows.items() if r]
 
 
 def tile(rows: list[np.ndarray], gap: int = 2) -> np.ndarray:
@@ -238,7 +239,7 @@ def tile(rows: list[np.ndarray], gap: int = 2) -> np.ndarray:
 def plot_grids(records: list[dict], path: Path) -> None:
     """Every run's samples with its label and FID above them (constrained layout: titles never overlap)."""
     mosaics = [sample_mosaic(r["samples_dir"], bool(r.get("cond."))) for r in records]
-    aspect = max([m.shape[0] / m.shape[1] for m in mosaics if m is not None] or [1.0])
+    aspect = max([m[0].shape[0] / m[0].shape[1] for m in mosaics if m is not None] or [1.0])
     columns = min(3, len(records))
     rows = math.ceil(len(records) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, (3.6 * aspect + 0.7) * rows),
@@ -247,7 +248,18 @@ def plot_grids(records: list[dict], path: Path) -> None:
         ax.axis("off")
     for ax, record, mosaic in zip(axes.flat, records, mosaics, strict=False):
         if mosaic is not None:
-            ax.imshow(mosaic, interpolation="nearest")
+            image, classes = mosaic
+            ax.imshow(image, interpolation="nearest")
+            if classes:  # the class of each row, on the left
+                ax.axis("on")
+                ax.set_xticks([])
+                row = (image.shape[0] - 2) / len(classes)
+                ax.set_yticks([2 + row * (k + 0.5) for k in range(len(classes))], [str(c) for c in classes],
+                              fontsize=7)
+                ax.set_ylabel("class", fontsize=8)
+                ax.tick_params(length=0)
+                for side in ax.spines.values():
+                    side.set_visible(False)
         fid = record.get("FID")
         kind = "one row per class" if record.get("cond.") else "unconditional"
         ax.set_title(f"{record['run']}\n" + (f"FID {fid:.1f}, " if fid is not None else "") + kind,
@@ -280,7 +292,7 @@ def plot_fid_vs_step(records: list[dict], path: Path) -> None:
                 ha="center", va="center", fontsize=10, wrap=True)
         _save(fig, path)
         return
-    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    ax.set_prop_cycle(color=plt.get_cmap("tab10").colors)
     for label, points in curves.items():
         steps, fids, _ = zip(*points, strict=True)
         line = len(points) > 1
@@ -304,15 +316,17 @@ def plot_training(records: list[dict], path: Path) -> None:
     """Losses of each training once, named after the run that trains (not a sampling variant of it)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     trainings = training_labels(records)
-    for train_dir, label in trainings.items():
+    colours = plt.get_cmap("tab10").colors
+    for k, (train_dir, label) in enumerate(trainings.items()):  # one colour per training in both panels
         log = Path(train_dir) / "metrics.jsonl"
         if not log.is_file():
             continue
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         steps = [entry["step"] for entry in lines]
-        axes[0].plot(steps, [entry["loss_x"] for entry in lines], label=label)
+        style = {"label": label, "color": colours[k % len(colours)]}
+        axes[0].plot(steps, [entry["loss_x"] for entry in lines], **style)
         if any("loss_z" in entry for entry in lines):
-            axes[1].plot(steps, [entry.get("loss_z", np.nan) for entry in lines], label=label)
+            axes[1].plot(steps, [entry.get("loss_z", np.nan) for entry in lines], **style)
     axes[0].set(title="image loss (MSE_x)", xlabel="training step", yscale="log")
     axes[1].set(title="representation loss (MSE_z, ReDi trainings)", xlabel="training step", yscale="log")
     for ax in axes:

@@ -136,8 +136,9 @@ def test_the_report_names_trainings_and_lays_out_grids(tmp_path):
     assert "0123456789ab (100 img)" in csv[1] and "sha256:feedfeedfeed" in csv[1]
     for name in ("grids.png", "fid_vs_step.png", "training.png", "tables.md", "tables.tex"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    conditional = sample_mosaic(tmp_path / "samples" / "base", conditional=True)
-    plain = sample_mosaic(tmp_path / "samples" / "ub", conditional=False)
+    conditional, classes = sample_mosaic(tmp_path / "samples" / "base", conditional=True)
+    plain, none = sample_mosaic(tmp_path / "samples" / "ub", conditional=False)
+    assert classes == [0, 1, 2, 3] and none == []
     assert conditional.shape[0] == 4 * 10 + 2 and plain.shape[0] == 5 * 10 + 2  # 4 class rows; 40 = 5 rows
     images = np.load(tmp_path / "samples" / "base" / "samples.npz")["arr_0"]
     np.testing.assert_array_equal(conditional[12:20, 2:10], images[1])  # row 2 = class 1, its first sample
