@@ -36,8 +36,9 @@ GRID_COLUMNS, GRID_CLASSES = 8, 10  # grids.png: 8 samples per class row, up to 
 
 
 def nfe(sampler: str, steps: int) -> int:
-    """Network evaluations per sample (per guidance branch): Heun evaluates twice per step."""
-    return 2 * steps if sampler == "ode-heun" else steps
+    """Network evaluations per sample (per guidance branch). The ODEs' steps count grid points
+    (steps - 1 intervals; Heun evaluates twice per interval); SDE, DDPM and DDIM once per step."""
+    return {"ode-heun": 2 * (steps - 1), "ode-euler": steps - 1}.get(sampler, steps)
 
 FUSION_LABELS = {"none": "-", "concat": "ReDi", "merged": "ReDi-MR", "separate": "ReDi-SP"}
 
