@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from redi.devices import resolve_device
-from redi.metrics.evaluate import extract, load_inception
+from redi.metrics.evaluate import FeatureSet, extract, load_inception
 from redi.metrics.inception import InceptionFeatures
 from redi.metrics.scores import frechet_distance, gaussian_stats
 
@@ -66,9 +66,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.weights == "random":
-        inception = InceptionFeatures(random_inception_state()).to(device).eval()
+        network = InceptionFeatures(random_inception_state()).to(device).eval()
     else:
-        inception = load_inception(None if args.weights == "url" else args.weights, device)
+        network = load_inception(None if args.weights == "url" else args.weights, device)
+    inception = FeatureSet(network, device=device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}, batch {args.batch}")
@@ -77,11 +78,11 @@ def main(argv=None) -> int:
     for size in (int(s) for s in args.sizes.split(",")):
         images = rng.integers(0, 256, size=(args.images, size, size, 3), dtype=np.uint8)
         batches = (images[i:i + args.batch] for i in range(0, len(images), args.batch))
-        extract(inception, iter([images[: min(args.batch, 4)]]), min(args.batch, 4), device, desc="warm-up")
+        extract(inception, iter([images[: min(args.batch, 4)]]), min(args.batch, 4), desc="warm-up")
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        features = extract(inception, batches, len(images), device, desc=f"{size}px")
+        features = extract(inception, batches, len(images), desc=f"{size}px")
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

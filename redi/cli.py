@@ -38,8 +38,9 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
                           "batch_size", "precision", "shard_size", "architecture"],
                "latents": ["encoder"]},
     "convert-inception": {},
-    "reference-stats": {"evaluate": ["inception_weights", "reference_images", "batch_size"]},
-    "evaluate": {"evaluate": ["inception_weights", "pr_reference_images", "batch_size"]},
+    "reference-stats": {"evaluate": ["inception_weights", "reference_images", "pr_reference_images",
+                                     "batch_size", "fd_dinov2"]},
+    "evaluate": {"evaluate": ["inception_weights", "pr_reference_images", "batch_size", "fd_dinov2"]},
     "report": {},
 }
 # Keys that change how fast a stage runs, not what it writes: not part of the rerun hash.
@@ -144,11 +145,11 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
                           [("--out", "output .pth (manifest.json is written beside it)"),
                            ("--torchscript", "the TorchScript file (default: the installed wheel's)", False)],
                           "redi.metrics.evaluate:run_convert_stage"),
-    "reference-stats": ("Inception statistics (mu/sigma, mu_s/sigma_s, P/R activations) of reference "
-                        "images: shards, an image folder, or ADM's reference npz.",
+    "reference-stats": ("Inception (and DINOv2) statistics (mu/sigma, mu_s/sigma_s, P/R activations) of "
+                        "reference images, streamed and resumable: shards, an image folder, or ADM's npz.",
                         [("--source", "shard manifest.json, image folder, or .npz with arr_0 (and mu/sigma)"),
                          ("--out", "output reference .npz (manifest.json is written beside it)")],
-                        "redi.metrics.evaluate:run_reference_stage"),
+                        "redi.metrics.reference:run_stage"),
     "evaluate": ("FID, sFID, IS, precision/recall of samples against a reference (ADM protocol).",
                  [("--reference", "reference .npz (redi reference-stats, or ADM's)"),
                   ("--samples", "samples.npz (arr_0 uint8 N x H x W x 3)"),

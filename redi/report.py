@@ -1,9 +1,12 @@
 """`redi report`: the run grid's results as paper-style tables (CSV, Markdown, LaTeX), the sample
 grids side by side, FID against training steps and the training losses.
 
-Each run is {name, label, tables, metrics[, curve, step]}: its metrics JSON sits in its sample
-folder, whose manifest names the checkpoint, whose training folder's manifest holds the training
-config. Runs sharing a `curve` are the FID-vs-step points of one training (a run's fid_steps).
+Each run is {name, label, tables, metrics[, curve, step, train_run]}: its metrics JSON sits in its
+sample folder, whose manifest names the checkpoint, whose training folder's manifest holds the
+training config. Runs sharing a `curve` are the FID-vs-step points of one training (a run's
+fid_steps). Every row carries the protocol that produced its numbers (sampler, NFE, guidance, label
+sampling, seed, sample count, reference and Inception weights); the tables show the settings that
+differ within them. Labels are made unique within the report.
 """
 
 from __future__ import annotations
@@ -19,15 +22,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from .errors import ReDiError  # noqa: E402
 from .io import atomic_path, read_manifest, write_manifest  # noqa: E402
 from .train import SNAPSHOTS  # noqa: E402
 
-HIDDEN = ("name", "tables", "train_dir", "grid", "curve")  # bookkeeping, not table columns
-METRIC_COLUMNS = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Prec.",
-                  "recall": "Rec."}
+HIDDEN = ("name", "tables", "train_dir", "samples_dir", "curve", "training")  # bookkeeping, not columns
+METRIC_COLUMNS = {"fid": "FID", "sfid": "sFID", "fd_dinov2": "FD_DINOv2", "inception_score": "IS",
+                  "precision": "Prec.", "recall": "Rec."}
+PROTOCOL_COLUMNS = ("sampler", "NFE", "CFG", "CFG on", "CFG interval", "RG", "labels", "seed", "samples",
+                    "reference", "Inception", "DINOv2")  # what produced a row's numbers
+GRID_COLUMNS, GRID_CLASSES = 8, 10  # grids.png: 8 samples per class row, up to 10 classes
+
+
+def nfe(sampler: str, steps: int) -> int:
+    """Network evaluations per sample (per guidance branch). The ODEs' steps count grid points
+    (steps - 1 intervals; Heun evaluates twice per interval); SDE, DDPM and DDIM once per step."""
+    return {"ode-heun": 2 * (steps - 1), "ode-euler": steps - 1}.get(sampler, steps)
 
 FUSION_LABELS = {"none": "-", "concat": "ReDi", "merged": "ReDi-MR", "separate": "ReDi-SP"}
 
@@ -76,15 +87,54 @@ def run_record(run: dict) -> dict:
     else:
         record.update({"model": sample_manifest.get("model", str(checkpoint))})
     sampler = sample_manifest.get("sampler", sample_cfg["sampler"])
-    record.update({"sampler": f"{sampler} {sample_cfg['steps']}",
-                   "CFG": sample_cfg["cfg_scale"], "RG": sample_cfg["rg_scale"],
-                   "samples": metrics.get("num_samples")})
+    guided = sample_cfg["cfg_scale"] != 1.0
+    interval = (sample_cfg.get("cfg_noise_low", 0.0), sample_cfg.get("cfg_noise_high", 1.0))
+    record.update({
+        "sampler": sampler, "NFE": nfe(sampler, sample_cfg["steps"]),
+        "CFG": sample_cfg["cfg_scale"],
+        "CFG on": sample_cfg.get("cfg_channels", "image") if guided else None,
+        "CFG interval": f"[{interval[0]:g}, {interval[1]:g}]" if guided else None,
+        "RG": sample_cfg["rg_scale"],
+        "labels": sample_cfg.get("labels", "random") if record.get("cond.", True) else None,
+        "seed": sample_cfg["seed"], "samples": metrics.get("num_samples"),
+    })
     for key, column in METRIC_COLUMNS.items():
         record[column] = metrics.get(key)
+    images = metrics.get("reference_images")
+    record["reference"] = (f"{metrics['reference_sha256']}" + (f" ({images} img)" if images else "")
+                           if metrics.get("reference_sha256") else None)
+    record["Inception"] = metrics.get("inception_weights_id", metrics.get("inception_weights"))
+    if "fd_dinov2" in metrics:
+        record["DINOv2"] = metrics.get("fd_dinov2_weights_id")
     record["train_dir"] = str(train_dir) if train is not None else None
-    record["grid"] = str(metrics_path.parent / "grid.png")
+    record["samples_dir"] = str(metrics_path.parent)
     record["curve"] = run.get("curve", run["name"])
+    record["training"] = run.get("train_run", run["name"])
     return record
+
+
+def unique_labels(records: list[dict]) -> list[dict]:
+    """Labels made unique within the report: a shared one gets its table's name, else the run's name.
+
+    Two trainings both labelled "SiT baseline" (one per table) would otherwise be one legend entry
+    and one line in the plots.
+    """
+    counts = pd.Series([r["run"] for r in records]).value_counts()
+    out = []
+    for record in records:
+        label = record["run"]
+        if counts[label] > 1:
+            by_table = [f"{r['run']} ({r['tables'][0]})" if r["tables"] else None
+                        for r in records if r["run"] == label]
+            table_label = f"{label} ({record['tables'][0]})" if record["tables"] else None
+            unique = table_label is not None and by_table.count(table_label) == 1
+            label = table_label if unique else f"{label} [{record['name']}]"
+        out.append({**record, "run": label})
+    labels = [r["run"] for r in out]
+    if len(set(labels)) != len(labels):  # a label that already had a suffix like ours
+        raise ReDiError(f"run labels are not unique even with their tables and names: {labels}; "
+                        f"give the runs distinct `label`s")
+    return out
 
 
 def _fmt(value) -> str:
@@ -106,10 +156,19 @@ def table_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
     tables = {}
     for name in dict.fromkeys(t for r in records for t in r["tables"]):
         part = frame[frame["tables"].apply(lambda ts, name=name: name in ts)][shown]
-        keep = [c for c in shown if c in ("run", "model", *METRIC_COLUMNS.values())
-                or part[c].map(_fmt).nunique() > 1]
-        tables[name] = part[keep]
+        metrics = [c for c in METRIC_COLUMNS.values() if c in part and part[c].notna().any()]
+        keep = [c for c in shown if c in ("run", "model", *metrics)
+                or (c not in METRIC_COLUMNS.values() and part[c].map(_fmt).nunique() > 1)]
+        tables[name] = part[keep].copy()
+        tables[name].attrs["protocol"] = {  # shared by every row: said once, under the table
+            c: part[c].iloc[0] for c in PROTOCOL_COLUMNS if c in part and c not in keep
+            and part[c].notna().any()}
     return tables
+
+
+def protocol_line(frame: pd.DataFrame) -> str:
+    """The settings every row of a table shares, e.g. 'sampler sde, NFE 50, seed 0, ...'."""
+    return ", ".join(f"{column} {_fmt(value)}" for column, value in frame.attrs["protocol"].items())
 
 
 def markdown(tables: dict[str, pd.DataFrame]) -> str:
@@ -118,7 +177,7 @@ def markdown(tables: dict[str, pd.DataFrame]) -> str:
         lines += [f"## {name}", "", "| " + " | ".join(frame.columns) + " |",
                   "|" + "|".join(" --- " for _ in frame.columns) + "|"]
         lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-        lines.append("")
+        lines += ["", f"All rows: {protocol_line(frame)}.", ""] if frame.attrs.get("protocol") else [""]
     return "\n".join(lines)
 
 
@@ -132,69 +191,148 @@ def latex(tables: dict[str, pd.DataFrame]) -> str:
         out += [f"% {name}", r"\begin{tabular}{" + align + "}", r"\toprule",
                 " & ".join(escape(c) for c in frame.columns) + r" \\", r"\midrule"]
         out += [" & ".join(escape(_fmt(v)) for v in row) + r" \\" for row in frame.itertuples(index=False)]
-        out += [r"\bottomrule", r"\end{tabular}", ""]
+        out += [r"\bottomrule", r"\end{tabular}"]
+        out += [f"% all rows: {protocol_line(frame)}", ""] if frame.attrs.get("protocol") else [""]
     return "\n".join(out)
 
 
+def sample_mosaic(samples_dir: str | Path, conditional: bool) -> tuple[np.ndarray, list[int]] | None:
+    """A run's samples as one image and its rows' classes: one row per class (conditional; short rows
+    when a class has fewer samples), else a plain 8 x 8 grid (no classes).
+
+    Reads samples.npz (arr_0 images, arr_1 labels) in batches and stops as soon as the rows are full,
+    so 50,000 ImageNet samples are never loaded whole.
+    """
+    from .metrics.evaluate import npz_images  # the streaming reader of ADM's layout
+
+    path = Path(samples_dir) / "samples.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        labels = data["arr_1"] if conditional and "arr_1" in data.files else None
+    if labels is None:
+        images = np.concatenate(list(npz_images(path, GRID_COLUMNS ** 2, limit=GRID_COLUMNS ** 2)))
+        return tile([images[i:i + GRID_COLUMNS] for i in range(0, len(images), GRID_COLUMNS)]), []
+    classes = np.unique(labels)[:GRID_CLASSES]
+    rows: dict[int, list[np.ndarray]] = {int(c): [] for c in classes}
+    start = 0
+    for batch in npz_images(path, 256):
+        for label, image in zip(labels[start:start + len(batch)], batch, strict=True):
+            if int(label) in rows and len(rows[int(label)]) < GRID_COLUMNS:
+                rows[int(label)].append(image)
+        start += len(batch)
+        if all(len(r) == GRID_COLUMNS for r in rows.values()):
+            break
+    return tile([np.stack(r) for r in rows.values() if r]), [c for c, r in rows.items() if r]
+
+
+def tile(rows: list[np.ndarray], gap: int = 2) -> np.ndarray:
+    """Rows of (n, H, W, 3) images -> one uint8 image with white gaps (short rows left blank)."""
+    h, w = rows[0].shape[1:3]
+    grid = np.full((len(rows) * (h + gap) + gap, GRID_COLUMNS * (w + gap) + gap, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for q, image in enumerate(row[:GRID_COLUMNS]):
+            y, x = gap + r * (h + gap), gap + q * (w + gap)
+            grid[y:y + h, x:x + w] = image
+    return grid
+
+
 def plot_grids(records: list[dict], path: Path) -> None:
-    columns = min(4, len(records))
+    """Every run's samples with its label and FID above them (constrained layout: titles never overlap)."""
+    mosaics = [sample_mosaic(r["samples_dir"], bool(r.get("cond."))) for r in records]
+    aspect = max([m[0].shape[0] / m[0].shape[1] for m in mosaics if m is not None] or [1.0])
+    columns = min(3, len(records))
     rows = math.ceil(len(records) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, (3.6 * aspect + 0.7) * rows),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, record in zip(axes.flat, records, strict=False):
-        if Path(record["grid"]).is_file():
-            ax.imshow(np.asarray(Image.open(record["grid"])))
+    for ax, record, mosaic in zip(axes.flat, records, mosaics, strict=False):
+        if mosaic is not None:
+            image, classes = mosaic
+            ax.imshow(image, interpolation="nearest")
+            if classes:  # the class of each row, on the left
+                ax.axis("on")
+                ax.set_xticks([])
+                row = (image.shape[0] - 2) / len(classes)
+                ax.set_yticks([2 + row * (k + 0.5) for k in range(len(classes))], [str(c) for c in classes],
+                              fontsize=7)
+                ax.set_ylabel("class", fontsize=8)
+                ax.tick_params(length=0)
+                for side in ax.spines.values():
+                    side.set_visible(False)
         fid = record.get("FID")
-        ax.set_title(f"{record['run']}" + (f"\nFID {fid:.1f}" if fid is not None else ""), fontsize=9)
-    fig.tight_layout()
+        kind = "one row per class" if record.get("cond.") else "unconditional"
+        ax.set_title(f"{record['run']}\n" + (f"FID {fid:.1f}, " if fid is not None else "") + kind,
+                     fontsize=9)
     _save(fig, path)
 
 
-def fid_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """curve -> [(training step, FID)] sorted by step; a curve is named after its final run's label."""
+def fid_curves(records: list[dict]) -> dict[str, list[tuple[int, float, str]]]:
+    """label -> [(training step, FID, run name)] by step: one entry per curve, i.e. per training's
+    fid_steps runs plus its final run; keyed by the curve's run, never by a label two runs may share."""
     labels = {r["name"]: r["run"] for r in records}
-    curves: dict[str, list[tuple[int, float]]] = {}
+    curves: dict[str, list[tuple[int, float, str]]] = {}
     for record in records:
         if record.get("FID") is not None and record.get("steps") is not None:
-            label = labels.get(record["curve"], record["curve"])
-            curves.setdefault(label, []).append((int(record["steps"]), float(record["FID"])))
-    return {label: sorted(points) for label, points in curves.items()}
+            curves.setdefault(record["curve"], []).append(
+                (int(record["steps"]), float(record["FID"]), record["name"]))
+    return {labels.get(curve, curve): sorted(points) for curve, points in curves.items()}
 
 
 def plot_fid_vs_step(records: list[dict], path: Path) -> None:
-    """One line per training with fid_steps points; a run without them is a single marker."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
-    for label, points in fid_curves(records).items():
-        steps, fids = zip(*points, strict=True)
+    """One line per training with fid_steps points, other runs as single markers; a note when no run
+    has fid_steps points (a plot of unconnected final FIDs would only repeat the table)."""
+    curves = fid_curves(records)
+    fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+    if not any(len(points) > 1 for points in curves.values()):
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No FID-vs-step points: no run sets fid_steps.\n"
+                "Add e.g. `fid_steps: [100000, 200000]` to a run in runs: to sample and evaluate\n"
+                "its EMA weights at those training steps; the tables hold the final FIDs.",
+                ha="center", va="center", fontsize=10, wrap=True)
+        _save(fig, path)
+        return
+    ax.set_prop_cycle(color=plt.get_cmap("tab10").colors)
+    for label, points in curves.items():
+        steps, fids, _ = zip(*points, strict=True)
         line = len(points) > 1
         ax.plot(steps, fids, marker="o" if line else "s", linestyle="-" if line else "none", label=label)
     ax.set(title="FID vs training step (lower is better)", xlabel="training step", ylabel="FID")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, path)
 
 
+def training_labels(records: list[dict]) -> dict[str, str]:
+    """train_dir -> the label of the run that trains there (sampling variants share its line)."""
+    labels = {r["name"]: r["run"] for r in records}
+    trainings: dict[str, str] = {}
+    for record in records:
+        if record.get("train_dir"):
+            trainings.setdefault(record["train_dir"], labels.get(record["training"], record["run"]))
+    return trainings
+
+
 def plot_training(records: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    trainings = {r["train_dir"]: r for r in records if r["tables"]}  # one line per training
-    for record in trainings.values():
-        log = Path(record["train_dir"]) / "metrics.jsonl" if record.get("train_dir") else None
-        if log is None or not log.is_file():
+    """Losses of each training once, named after the run that trains (not a sampling variant of it)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    trainings = training_labels(records)
+    colours = plt.get_cmap("tab10").colors
+    for k, (train_dir, label) in enumerate(trainings.items()):  # one colour per training in both panels
+        log = Path(train_dir) / "metrics.jsonl"
+        if not log.is_file():
             continue
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         steps = [entry["step"] for entry in lines]
-        axes[0].plot(steps, [entry["loss_x"] for entry in lines], label=record["run"])
+        style = {"label": label, "color": colours[k % len(colours)]}
+        axes[0].plot(steps, [entry["loss_x"] for entry in lines], **style)
         if any("loss_z" in entry for entry in lines):
-            axes[1].plot(steps, [entry.get("loss_z", np.nan) for entry in lines], label=record["run"])
+            axes[1].plot(steps, [entry.get("loss_z", np.nan) for entry in lines], **style)
     axes[0].set(title="image loss (MSE_x)", xlabel="training step", yscale="log")
-    axes[1].set(title="representation loss (MSE_z)", xlabel="training step", yscale="log")
+    axes[1].set(title="representation loss (MSE_z, ReDi trainings)", xlabel="training step", yscale="log")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
     _save(fig, path)
 
 
@@ -207,12 +345,12 @@ def _save(fig, path: Path) -> None:
 def write_report(runs: list[dict], out_dir: str | Path) -> dict[str, pd.DataFrame]:
     """tables.md, tables.tex, runs.csv, grids.png, fid_vs_step.png and training.png in out_dir."""
     out_dir = Path(out_dir)
-    records = [run_record(run) for run in runs]
+    records = unique_labels([run_record(run) for run in runs])
     if not records:
         raise ReDiError("no runs to report")
     tables = table_frames(records)
     with atomic_path(out_dir / "runs.csv") as tmp:
-        rows = pd.DataFrame(records).drop(columns=["train_dir", "grid"])
+        rows = pd.DataFrame(records).drop(columns=["train_dir", "samples_dir"])
         rows["tables"] = rows["tables"].apply(";".join)
         rows.to_csv(tmp, index=False)
     with atomic_path(out_dir / "tables.md") as tmp:

@@ -235,7 +235,7 @@ def stage_argv(stage: str) -> list[str]:
     paths = {"demo-data": ["--out"], "shard": ["--input", "--out"],
              "train-standin-vae": ["--shards", "--out"], "train-standin-vit": ["--shards", "--out"],
              "encode-latents": ["--shards", "--out"], "extract-features": ["--shards", "--out"],
-             "fit-pca": ["--features", "--out"], "convert-pca": ["--official", "--out"],
+             "fit-pca": ["--features", "--out"], "convert-pca": ["--official", "--out"], "fetch": ["--source", "--out"],
              "project-features": ["--shards", "--pca", "--out"],
              "train": ["--latents", "--features", "--out"], "sample": ["--checkpoint", "--out"],
              "convert-inception": ["--out"], "reference-stats": ["--source", "--out"],

@@ -97,15 +97,19 @@ import zipfile  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from redi.cli import main as redi_main  # noqa: E402
-from redi.io import write_npz  # noqa: E402
+from redi.io import sha256_file, write_npz  # noqa: E402
+from redi.metrics import reference  # noqa: E402
 from redi.metrics.evaluate import (  # noqa: E402
+    FeatureSet,
     evaluate,
+    extract,
     image_source,
+    load_inception,
     npz_images,
     read_reference,
-    reference_stats,
 )
 from redi.metrics.inception import InceptionFeatures, torch_fidelity_name  # noqa: E402
+from redi.metrics.reference import ReferenceAccumulator, pr_subset, reference_stats  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +237,115 @@ def test_write_npz_is_atomic_and_keeps_the_name(tmp_path):
     write_npz(tmp_path / "x.npz", a=np.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz"]
     assert zipfile.ZipFile(tmp_path / "x.npz").namelist() == ["a.npy"]
+
+
+# --- streamed reference statistics ----------------------------------------------------------------
+
+def _stream(rows, batch):
+    return [{"pool": rows[i:i + batch], "spatial": rows[i:i + batch, :7] ** 2}
+            for i in range(0, len(rows), batch)]
+
+
+def test_streamed_reference_statistics_equal_numpy_and_keep_only_the_pr_subset():
+    rows = np.random.default_rng(0).normal(3.0, 2.0, size=(1000, 2048)) @ np.diag(np.linspace(0.1, 2, 2048))
+    keep = pr_subset(len(rows), 50, seed=0)
+    accumulator = ReferenceAccumulator({"pool": 2048, "spatial": 7}, keep)
+    for block in _stream(rows, 64):  # batches not dividing N: the last one is short
+        accumulator.update(block)
+    stats = accumulator.statistics()
+    np.testing.assert_allclose(stats["mu"], rows.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats["sigma"], np.cov(rows, rowvar=False), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(stats["sigma_s"], np.cov(rows[:, :7] ** 2, rowvar=False), rtol=1e-10)
+    assert len(set(keep)) == 50 and keep.max() < 1000 and not np.array_equal(keep, np.arange(50))
+    np.testing.assert_array_equal(stats["acts"], rows[keep].astype(np.float32))
+    assert np.array_equal(pr_subset(30, 50, seed=0), np.arange(30))  # fewer images: all of them
+
+
+def test_a_restored_accumulator_continues_bit_exactly():
+    rows = np.random.default_rng(1).normal(size=(300, 2048))
+    blocks = _stream(rows, 32)
+    whole = ReferenceAccumulator({"pool": 2048, "spatial": 7}, pr_subset(300, 40, 0))
+    for block in blocks:
+        whole.update(block)
+    first = ReferenceAccumulator({"pool": 2048, "spatial": 7}, pr_subset(300, 40, 0))
+    for block in blocks[:4]:
+        first.update(block)
+    saved = {k: np.array(v) for k, v in first.state().items()}
+    resumed = ReferenceAccumulator({"pool": 2048, "spatial": 7}, pr_subset(300, 40, 0))
+    resumed.restore(saved)
+    for block in blocks[4:]:
+        resumed.update(block)
+    for key, value in whole.statistics().items():
+        np.testing.assert_array_equal(resumed.statistics()[key], value)
+
+
+def test_reference_stats_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, converted, monkeypatch):
+    torch.set_num_threads(1)
+    np.savez(tmp_path / "images.npz", arr_0=adm_images(8, 4))
+    kwargs = {"batch_size": 2, "device": "cpu", "pr_reference": 5, "checkpoint_seconds": 0}
+    whole = reference_stats(tmp_path / "images.npz", tmp_path / "whole.npz", str(converted), **kwargs)
+    real_source = reference.image_source
+
+    def killed_after_two_batches(*args, **kw):
+        batches, count = real_source(*args, **kw)
+
+        def stream():
+            for k, batch in enumerate(batches):
+                if k == 2:
+                    raise KeyboardInterrupt  # what a scheduler's kill looks like to the loop
+                yield batch
+        return stream(), count
+
+    monkeypatch.setattr(reference, "image_source", killed_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        reference_stats(tmp_path / "images.npz", tmp_path / "ref.npz", str(converted), **kwargs)
+    assert (tmp_path / "ref.npz.partial").is_file() and not (tmp_path / "ref.npz").exists()
+    monkeypatch.setattr(reference, "image_source", real_source)
+    resumed = reference_stats(tmp_path / "images.npz", tmp_path / "ref.npz", str(converted), **kwargs)
+    assert whole["resumed_after_images"] == 0 and resumed["resumed_after_images"] == 4
+    assert not (tmp_path / "ref.npz.partial").exists() and resumed["pr_reference_images"] == 5
+    a, b = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "ref.npz")
+    assert sorted(a.files) == sorted(b.files) == ["acts", "mu", "mu_s", "num_images", "sigma", "sigma_s"]
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
+    # and the streamed statistics are numpy's on the same features
+    features = FeatureSet(load_inception(str(converted)))
+    pool = extract(features, npz_images(tmp_path / "images.npz", 3), 8)["pool"]
+    np.testing.assert_allclose(a["mu"], pool.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(a["sigma"], np.cov(pool, rowvar=False), rtol=1e-5, atol=1e-9)
+
+
+def test_fd_dinov2_is_computed_when_configured_and_absent_otherwise(tmp_path, converted):
+    import timm
+    from timm.models import save_for_hf
+
+    from redi.metrics.dinov2 import ARCH, load_dinov2
+    from redi.metrics.scores import frechet_distance, gaussian_stats
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tiny = {"img_size": 224, "num_classes": 0, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    save_for_hf(timm.create_model(ARCH, pretrained=False, **tiny), tmp_path / "dinov2", model_args=tiny)
+    reference_images, samples = adm_images(6, 5), adm_images(6, 6, shift=30)
+    np.savez(tmp_path / "images.npz", arr_0=reference_images)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    weights = str(tmp_path / "dinov2")
+    reference_stats(tmp_path / "images.npz", tmp_path / "ref.npz", str(converted), batch_size=4, device="cpu",
+                    dinov2_weights=weights)
+    with_dino = evaluate(tmp_path / "ref.npz", tmp_path / "samples.npz", str(converted), batch_size=4,
+                         device="cpu", dinov2_weights=weights)
+    dino = load_dinov2(weights)
+    expected = frechet_distance(*gaussian_stats(dino(reference_images).double().numpy()),
+                                *gaussian_stats(dino(samples).double().numpy()))
+    assert with_dino["fd_dinov2"] == pytest.approx(expected, rel=1e-6) and expected > 0
+    assert with_dino["fd_dinov2_weights_id"].startswith("sha256:")
+    without = evaluate(tmp_path / "ref.npz", tmp_path / "samples.npz", str(converted), batch_size=4,
+                       device="cpu")
+    assert "fd_dinov2" not in without and without["fid"] == pytest.approx(with_dino["fid"])
+    assert without["reference_sha256"] == sha256_file(tmp_path / "ref.npz")[:12]
+    assert without["reference_images"] == 6 and without["inception_weights_id"].startswith("sha256:")
+    reference_stats(tmp_path / "images.npz", tmp_path / "plain.npz", str(converted), batch_size=4,
+                    device="cpu")
+    with pytest.raises(ReDiError, match="no DINOv2 statistics"):
+        evaluate(tmp_path / "plain.npz", tmp_path / "samples.npz", str(converted), device="cpu",
+                 dinov2_weights=weights)

@@ -143,7 +143,7 @@ def test_the_html_report_bundles_the_figures_with_captions(workflow_run, tmp_pat
     text = html.read_text()
     for figure in ("tables.md", "grids.png", "fid_vs_step.png", "training.png"):
         assert figure in text
-    assert "FID against training step" in text and "Training losses per run" in text
+    assert "FID against training step" in text and "Training losses, one line per training" in text
 
 
 def test_a_fid_step_samples_the_snapshot_of_that_step(workflow_run):

@@ -421,6 +421,7 @@ def report_runs():
             "tables": s["tables"],
             "metrics": metrics_file(n),
             "curve": s["curve"],
+            "train_run": s["train_run"],
             "step": s["sample"]["train_step"] or s["train"]["steps"],
         }
         for n, s in RUNS.items()
