@@ -54,6 +54,13 @@ OTHER_KEYS = {
     "device": "none: where the neural stages run",
     "launch.nproc_per_node": "none: processes per training job",
     "launch.threads_per_job": "none: CPU threads of each heavy local job",
+    "launch.nodes": "none: nodes per training job",
+    "launch.rdzv_port": "none: rendezvous port of multi-node training",
+    "launch.retries": "none: resubmissions of a training job",
+    "launch.stop_margin_s": "none: when training stops before a SLURM time limit",
+    **{f"resources.{stage}.{key}": "none: the job's scheduler request"
+       for stage in ("encode_latents", "extract_features", "project_features", "train", "sample",
+                     "reference_stats", "evaluate") for key in ("gpus", "cpus", "mem_mb", "runtime")},
     "dataset.name": "none: a different results/<name> folder",
     "dataset.root": "shard (and all after it)",
     "sample.checkpoint": "sample (and all after it); the workflow passes it as `redi sample --checkpoint`",

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -92,6 +93,39 @@ class StopSignal:
         """Put back the handlers that were there before."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def slurm_deadline(environ: dict | None = None) -> float | None:
+    """Unix time at which this SLURM job hits its time limit, or None (not in a job, no limit).
+
+    Asked from squeue (the job step's environment need not carry SLURM_JOB_END_TIME), so training
+    can checkpoint before the limit instead of relying on a signal reaching it through Snakemake.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_JOB_END_TIME", "").isdigit():
+        return float(env["SLURM_JOB_END_TIME"])
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        done = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    left = parse_time_left(done.stdout.strip()) if done.returncode == 0 else None
+    return None if left is None else time.time() + left
+
+
+def parse_time_left(text: str) -> float | None:
+    """Seconds in squeue's %L format ([days-]hours:minutes:seconds, minutes:seconds); None if unlimited."""
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if not text or not all(p.isdigit() for p in parts) or len(parts) > 3 or (days and not days.isdigit()):
+        return None  # UNLIMITED, NOT_SET, INVALID
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return float(seconds + 86400 * int(days or 0))
 
 
 # --- state -------------------------------------------------------------------------------------
@@ -251,6 +285,11 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
     net = DistributedDataParallel(model) if world > 1 else model
     forward = torch.compile(net) if cfg["compile"] else net
     stop = StopSignal()
+    margin = float(os.environ.get("REDI_STOP_MARGIN_S", "600"))
+    deadline = slurm_deadline() if rank == 0 and margin > 0 else None
+    if deadline is not None and rank == 0:
+        print(f"train: the job's time limit is in {deadline - time.time():.0f} s; checkpointing and "
+              f"stopping {margin:.0f} s before it", file=sys.stderr, flush=True)
 
     def checkpoint_state() -> dict:
         gathered_rng, gathered_data = [None] * world, [None] * world
@@ -307,13 +346,15 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                 window_start, window_images = time.time(), 0
-            stopping = any_rank(stop.received is not None, world, device)
+            late = deadline is not None and time.time() > deadline - margin
+            stopping = any_rank(stop.received is not None or late, world, device)
             if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stopping:
                 save()
             if step in cfg["snapshot_steps"] and rank == 0:
                 save_sampling_weights(snapshot_path(out_dir, step), sampling_state())
             if stopping and step < cfg["steps"]:
-                raise ReDiError(f"stopped by a signal after step {step}; checkpoint saved, rerun to resume")
+                cause = "a signal" if stop.received is not None or not late else "the job's time limit"
+                raise ReDiError(f"stopped by {cause} after step {step}; checkpoint saved, rerun to resume")
     finally:
         stop.restore()
         bar.close()

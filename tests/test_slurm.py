@@ -19,14 +19,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/redi-slurm"))
 pytestmark = pytest.mark.slurm
-# The workflow profile asks for GPUs and tens of GB; the test node has 2 CPUs and no GPU. Command-line
-# settings win over both profiles, so these replace only what the node cannot grant.
+# The workflow profile sizes shard and fit-pca for a cluster node; the test node has 2 CPUs. Command-line
+# settings win over both profiles, so these replace only what the node cannot grant. The neural stages'
+# requests come from the config's `resources:` (ci.yaml keeps the defaults: no GPU, 1 CPU, 3000 MB).
 CPU_SIZED = [
     "--set-threads", "shard=1",
-    "--set-resources", "shard:cpus_per_task=1", "shard:mem_mb=1500",
-    *(f"{rule}:{key}" for rule in ("encode_latents", "extract_features", "project_features", "train",
-                                   "sample") for key in ("gpu=0", "mem_mb=3000")),
-    "fit_pca:mem_mb=1500",
+    "--set-resources", "shard:cpus_per_task=1", "shard:mem_mb=1500", "fit_pca:mem_mb=1500",
 ]
 
 
@@ -57,13 +55,20 @@ def test_ci_workflow_runs_through_slurm_and_matches_a_local_run(tmp_path, slurm_
     before = set(_job_ids(env))
     profiles = ["--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
                 "--profile", str(REPO / "tests" / "slurm" / "profile"), *CPU_SIZED]
-    out = run_workflow(tmp_path / "slurm", *profiles, env=env)
+    out = run_workflow(tmp_path / "slurm", *profiles, "--verbose", env=env)  # --verbose: the sbatch calls
+    calls = {rule: re.findall(rf"sbatch call: (sbatch .*?--comment '?rule_{rule}(?:_wildcards|'| ).*)", out)
+             for rule in ("train", "evaluate")}
     submitted = set(re.findall(r"SLURM jobid (\d+)", out))
     seen = set(_job_ids(env)) - before
     planned = int(re.search(r"Job stats:.*?\ntotal\s+(\d+)", out, re.S).group(1))
     with capsys.disabled():  # shown in the CI log even when the test passes
         print(f"\nSLURM: {len(submitted)} sbatch jobs submitted by snakemake, {len(seen)} new in squeue "
               f"--states=all, {planned} jobs planned (`all` runs locally)")
+        for rule, found in calls.items():
+            print(f"sbatch flags of the first {rule} job: {found[0] if found else '(none found)'}")
+    for rule, found in calls.items():  # the config's resources reached sbatch
+        assert found and "--mem 3000" in found[0] and "--cpus-per-task=1" in found[0], (rule, found)
+        assert "-t 120" in found[0] and "--gpus" not in found[0], (rule, found)
     assert len(submitted) == planned - 1 and submitted <= seen
 
     run_workflow(tmp_path / "local", "--cores", "2", env=env)

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from redi.config import validate_config
 from redi.data.training_data import TrainingData
 from redi.errors import ReDiError
 from redi.sample import load_trained
-from redi.train import build_run, snapshot_path, train, update_ema
+from redi.train import build_run, parse_time_left, slurm_deadline, snapshot_path, train, update_ema
 
 N_SAMPLES, N_CLASSES, PCA_CHANNELS = 32, 4, 8
 CKPT_KEYS = {"model", "ema", "opt", "step", "rng", "data", "config"}
@@ -337,6 +338,80 @@ def test_resume_with_another_process_count_is_refused(ddp_run, tmp_path):
     with pytest.raises(ReDiError, match=r"written by 2 processes.*this run has 1"):
         train(cfg, latents, features, tmp_path / "run", "cpu", quiet=True)
     assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_node_run(argv: list[str], log: Path) -> None:
+    """`redi train` as two torchrun "nodes" on localhost (--nnodes 2, c10d rendezvous), one process each:
+    what the train rule's srun runs on a two-node SLURM job."""
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+               "-m", "redi.cli", *argv]
+    with open(log, "w") as out:
+        nodes = [subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
+                 for _ in range(2)]
+        try:
+            codes = [node.wait(timeout=150) for node in nodes]
+        finally:
+            for node in nodes:
+                if node.poll() is None:
+                    node.kill()
+    assert codes == [0, 0], log.read_text()[-5000:]
+
+
+def test_two_nodes_train_and_resume_as_one_node_with_two_processes(tmp_path):
+    """Two "nodes" x 1 process give bit for bit what one node x 2 processes gives (same world size: the
+    same per-rank data blocks, data orders and noise streams; a two-term all-reduce sum is exact), and a
+    two-node run resumed from its checkpoint continues bit-exactly. The result depends on the world
+    size, not on the node layout (a different world size draws other batches: see TrainingData)."""
+    latents, features = write_inputs(tmp_path, n=16)
+    args = dict(batch_size=16, ckpt_every=10, class_dropout=0.0)
+    one_node = tmp_path / "one-node"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           "2", "-m", "redi.cli", *train_argv(latents, features, one_node, steps=20, **args)],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=150)
+    assert done.returncode == 0, done.stderr[-5000:]
+    two_nodes = tmp_path / "two-nodes"
+    two_node_run(train_argv(latents, features, two_nodes, steps=10, **args), tmp_path / "first.log")
+    assert checkpoint_steps(two_nodes) == [10] and len(load(two_nodes / "final.pt")["ema"]) > 0
+    two_node_run(train_argv(latents, features, two_nodes, steps=20, **args), tmp_path / "resumed.log")
+    final, expected = load(two_nodes / "final.pt"), load(one_node / "final.pt")
+    assert final["step"] == expected["step"] == 20
+    assert_same_state(final["model"], expected["model"])
+    assert_same_state(final["ema"], expected["ema"])
+    got, want = read_metrics(two_nodes / "metrics.jsonl"), read_metrics(one_node / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 21))
+    assert without_timing(got) == without_timing(want)
+    assert json.loads((two_nodes / "manifest.json").read_text())["world_size"] == 2
+
+
+def test_the_slurm_time_limit_is_read_from_squeue_format():
+    assert parse_time_left("1-02:03:04") == 86400 + 2 * 3600 + 3 * 60 + 4
+    assert parse_time_left("45:30") == 45 * 60 + 30
+    assert parse_time_left("7") == 7
+    for unlimited in ("UNLIMITED", "NOT_SET", "INVALID", ""):
+        assert parse_time_left(unlimited) is None
+    assert slurm_deadline({}) is None  # not in a job
+    assert slurm_deadline({"SLURM_JOB_END_TIME": "1800000000"}) == 1800000000.0
+
+
+def test_training_stops_with_a_checkpoint_before_the_job_time_limit(inputs, tmp_path, monkeypatch):
+    """Inside a SLURM job whose limit is nearer than launch.stop_margin_s, the run checkpoints after the
+    current step and stops (the resubmission resumes), naming the time limit."""
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time()) + 60))
+    monkeypatch.setenv("REDI_STOP_MARGIN_S", "600")
+    with pytest.raises(ReDiError, match=r"stopped by the job's time limit after step 1; checkpoint saved"):
+        train(train_cfg(), *inputs, tmp_path / "run", "cpu", quiet=True)
+    assert checkpoint_steps(tmp_path / "run") == [1]
+    monkeypatch.delenv("SLURM_JOB_END_TIME")
+    train(train_cfg(steps=3), *inputs, tmp_path / "run", "cpu", quiet=True)  # the resubmission resumes
+    assert load(tmp_path / "run" / "final.pt")["step"] == 3
 
 
 # --- 4. non-finite loss --------------------------------------------------------------------------

@@ -233,10 +233,65 @@ def output_dir(wildcards, output):
 
 
 def launcher(wildcards, resources):
-    """params function: `redi`, or torchrun with one process per GPU when launch.nproc_per_node > 1."""
+    """params function: `redi`, torchrun with one process per GPU when launch.nproc_per_node > 1, or
+    on launch.nodes > 1 nodes `srun` (one task per node) + torchrun with c10d rendezvous on the
+    first node of the job (torchrun's hostname test makes that node's agent host the store).
+    """
+    nodes = resources.get("nodes", 1)
+    if nodes > 1:
+        endpoint = (
+            '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):'
+            f'{config["launch"]["rdzv_port"]}"'
+        )
+        torchrun = (
+            f"torchrun --nnodes {nodes} --nproc-per-node {resources.nproc} --rdzv-backend c10d"
+            f' --rdzv-endpoint {endpoint} --rdzv-id "$SLURM_JOB_ID" -m redi.cli "$@"'
+        )
+        return (
+            f"srun --nodes {nodes} --ntasks-per-node 1 --kill-on-bad-exit=1"
+            f" bash -c {shlex.quote(torchrun)} torchrun"
+        )
     if resources.nproc > 1:
         return f"torchrun --standalone --nproc-per-node {resources.nproc} -m redi.cli"
     return "redi"
+
+
+def job_resources(rule):
+    """The Snakemake resources of a neural rule from config `resources.<rule>` (the SLURM executor's
+    names: gpu -> --gpus, cpus_per_task, mem_mb -> --mem, runtime -> -t). A multi-node training
+    (launch.nodes > 1) asks for whole nodes: --nodes N --ntasks N, --gres=gpu:<gpus> per node, and
+    `mpi` so the job's Snakemake runs the rule's own srun instead of wrapping it in a one-task step.
+    """
+    wanted = config["resources"][rule]
+    out = {
+        "cpus_per_task": wanted["cpus"],
+        "mem_mb": wanted["mem_mb"],
+        "runtime": wanted["runtime"],
+    }
+    nodes = config["launch"]["nodes"] if rule == "train" else 1
+    if nodes == 1:
+        return out | {"gpu": wanted["gpus"]}
+    out |= {"nodes": nodes, "tasks": nodes, "tasks_per_gpu": 0, "mpi": "srun"}
+    return out | ({"gres": f"gpu:{wanted['gpus']}"} if wanted["gpus"] else {})
+
+
+def gpu_env(rule):
+    """Shell prefix telling `device: auto` whether the rule asked for GPUs (redi/devices.py)."""
+    return f"REDI_GPUS={config['resources'][rule]['gpus']}"
+
+
+def train_env():
+    """gpu_env of train plus how long before a SLURM time limit it checkpoints and stops."""
+    return f"{gpu_env('train')} REDI_STOP_MARGIN_S={config['launch']['stop_margin_s']}"
+
+
+for _rule in ("train", "sample"):
+    _gpus = config["resources"][_rule]["gpus"]
+    if _gpus and _gpus != config["launch"]["nproc_per_node"]:
+        raise WorkflowError(
+            f"resources.{_rule}.gpus is {_gpus} but launch.nproc_per_node is "
+            f"{config['launch']['nproc_per_node']}: {_rule} runs one process per GPU, set them equal"
+        )
 
 
 def log_file(stage):

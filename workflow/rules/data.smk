@@ -93,11 +93,13 @@ rule encode_latents:
         CONDA_ENV
     threads: max(1, config["latents"]["workers"])
     resources:
+        **job_resources("encode_latents"),
         speed=speed_flags("encode-latents"),
         device=config["device"],
     params:
+        env=gpu_env("encode_latents"),
         flags=encoder_flags("encode-latents", "latents"),
     shell:
-        "redi encode-latents --shards {input.shards:q} --out {output.latents:q} {params.flags}"
+        "{params.env} redi encode-latents --shards {input.shards:q} --out {output.latents:q} {params.flags}"
         " {resources.speed}"
         " --device {resources.device:q} > {log:q} 2>&1"

@@ -28,12 +28,14 @@ rule reference_stats:
         CONDA_ENV
     threads: JOB_THREADS
     resources:
+        **job_resources("reference_stats"),
         speed=speed_flags("reference-stats"),
         device=config["device"],
     params:
+        env=gpu_env("reference_stats"),
         flags=inception_flags("reference-stats"),
     shell:
-        "redi reference-stats --source {input.source:q} --out {output.reference:q} {params.flags}"
+        "{params.env} redi reference-stats --source {input.source:q} --out {output.reference:q} {params.flags}"
         " {resources.speed} --device {resources.device:q} > {log:q} 2>&1"
 
 
@@ -59,12 +61,14 @@ rule evaluate:
         CONDA_ENV
     threads: JOB_THREADS
     resources:
+        **job_resources("evaluate"),
         speed=lambda w: speed_flags("evaluate", w.run),
         device=config["device"],
     params:
+        env=gpu_env("evaluate"),
         flags=lambda w: inception_flags("evaluate", w.run),
     shell:
-        "redi evaluate --reference {input.reference:q} --samples {input.samples:q} --out {output.metrics:q}"
+        "{params.env} redi evaluate --reference {input.reference:q} --samples {input.samples:q} --out {output.metrics:q}"
         " {params.flags} {resources.speed} --device {resources.device:q} > {log:q} 2>&1"
 
 

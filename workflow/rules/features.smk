@@ -17,12 +17,14 @@ rule extract_features:
         CONDA_ENV
     threads: max(1, config["features"]["workers"])
     resources:
+        **job_resources("extract_features"),
         speed=speed_flags("extract-features"),
         device=config["device"],
     params:
+        env=gpu_env("extract_features"),
         flags=encoder_flags("extract-features", "features"),
     shell:
-        "redi extract-features --shards {input.shards:q} --out {output.features:q} {params.flags}"
+        "{params.env} redi extract-features --shards {input.shards:q} --out {output.features:q} {params.flags}"
         " {resources.speed}"
         " --device {resources.device:q} > {log:q} 2>&1"
 
@@ -79,11 +81,13 @@ rule project_features:
         CONDA_ENV
     threads: max(1, config["features"]["workers"])
     resources:
+        **job_resources("project_features"),
         speed=speed_flags("project-features"),
         device=config["device"],
     params:
+        env=gpu_env("project_features"),
         flags=encoder_flags("project-features", "features"),
     shell:
-        "redi project-features --shards {input.shards:q} --pca {input.pca:q} --out {output.features:q}"
+        "{params.env} redi project-features --shards {input.shards:q} --pca {input.pca:q} --out {output.features:q}"
         " {params.flags} {resources.speed}"
         " --device {resources.device:q} > {log:q} 2>&1"

@@ -24,14 +24,16 @@ rule sample:
         CONDA_ENV
     threads: JOB_THREADS
     resources:
+        **job_resources("sample"),
         speed=lambda w: speed_flags("sample", w.run),
         device=config["device"],
         nproc=config["launch"]["nproc_per_node"],
     params:
+        env=gpu_env("sample"),
         out=output_dir,
         flags=lambda w: encoder_flags("sample", "latents", w.run),
         launcher=launcher,
         weights=sample_weights,
     shell:
-        "{params.launcher} sample --checkpoint {params.weights:q} --out {params.out:q} {params.flags}"
+        "{params.env} {params.launcher} sample --checkpoint {params.weights:q} --out {params.out:q} {params.flags}"
         " {resources.speed} --device {resources.device:q} > {log:q} 2>&1"
