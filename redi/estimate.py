@@ -63,7 +63,8 @@ def grid_costs(runs: dict[str, dict], num_classes: int, latent_side: int) -> lis
     costs = []
     for name, cfg in runs.items():
         forward = model_flops(cfg, num_classes, latent_side)
-        trains = cfg["train_run"] == name and not cfg["sample"]["checkpoint"] and not cfg["sample"]["train_step"]
+        sample_cfg = cfg["sample"]
+        trains = cfg["train_run"] == name and not sample_cfg["checkpoint"] and not sample_cfg["train_step"]
         train = 3.0 * forward * cfg["train"]["batch_size"] * cfg["train"]["steps"] if trains else 0.0
         sample = sampler_nfe(cfg) * forward * cfg["sample"]["num_samples"] * branches(cfg["sample"])
         m = cfg["train"]["model"]
