@@ -46,7 +46,8 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
 # Keys that change how fast a stage runs, not what it writes: not part of the rerun hash.
 RESOURCE_KEYS = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
                  "features": {"workers", "batch_size"},
-                 "train": {"ckpt_every", "keep_checkpoints", "snapshot_steps", "log_every", "compile"},
+                 "train": {"ckpt_every", "keep_checkpoints", "snapshot_steps", "log_every", "compile",
+                           "tensorboard"},
                  "sample": {"batch_size"}, "evaluate": {"batch_size"}}
 # What changing a key outside STAGE_KEYS does (for the key table of config/README.md).
 OTHER_KEYS = {

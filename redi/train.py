@@ -311,6 +311,7 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
         if rank == 0:
             save_checkpoint(out_dir, state, cfg["keep_checkpoints"])
 
+    board = tensorboard_writer(out_dir) if cfg["tensorboard"] and rank == 0 else None
     bar = progress(total=cfg["steps"], initial=step, desc="train", unit="step", disable=rank != 0 or quiet)
     try:
         window_start, window_images = time.time(), 0
@@ -344,6 +345,11 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
                 if rank == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    if board is not None:
+                        for key, value in record.items():
+                            if key != "step":
+                                board.add_scalar(f"train/{key}", value, step)
+                        board.flush()
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                 window_start, window_images = time.time(), 0
             late = deadline is not None and time.time() > deadline - margin
@@ -358,6 +364,8 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
     finally:
         stop.restore()
         bar.close()
+        if board is not None:
+            board.close()
     checksums = _replica_checksums(model, world, device)
     if rank != 0:
         return None
@@ -370,6 +378,16 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
         parameters=sum(p.numel() for p in model.parameters()), replica_checksums=checksums,
         wall_time_s=round(time.time() - start, 2),
     )
+
+
+def tensorboard_writer(out_dir: Path):
+    """A TensorBoard SummaryWriter on <run>/tensorboard (train.tensorboard), or a clear error without it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ReDiError(f"train.tensorboard needs the tensorboard package ({err}): pip install -e "
+                        f"'.[tensorboard]', or set train.tensorboard: false") from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def save_sampling_weights(path: Path, state: dict) -> None:

@@ -414,6 +414,23 @@ def test_training_stops_with_a_checkpoint_before_the_job_time_limit(inputs, tmp_
     assert load(tmp_path / "run" / "final.pt")["step"] == 3
 
 
+def test_tensorboard_event_files_hold_the_logged_metrics(inputs, tmp_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                      reason="tensorboard is not installed (pip install -e '.[test]')")
+    out = tmp_path / "run"
+    train(train_cfg(steps=6, log_every=2, tensorboard=True), *inputs, out, "cpu", quiet=True)
+    events = accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = read_metrics(out / "metrics.jsonl")
+    for key in ("loss", "loss_x", "loss_z", "grad_norm", "img_per_s", "lr"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [s.step for s in scalars] == [r["step"] for r in logged] == [2, 4, 6]
+        np.testing.assert_allclose([s.value for s in scalars], [r[key] for r in logged], rtol=1e-6)
+    plain = tmp_path / "plain"
+    train(train_cfg(steps=2), *inputs, plain, "cpu", quiet=True)
+    assert not (plain / "tensorboard").exists()  # off by default
+
+
 # --- 4. non-finite loss --------------------------------------------------------------------------
 
 def test_non_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
