@@ -73,3 +73,23 @@ def test_the_paper_config_asks_for_gpus_and_retries_training(tmp_path):
                        ("encode_latents", 1)]:
         assert re.search(rf"cpus_per_task=\d+, gpu={gpus}\b", first_job(out, rule)), rule
     assert "retries=3" in first_job(out, "train") and "runtime=2880" in first_job(out, "train")
+
+
+def test_gpu_hours_follow_the_flop_formulas():
+    """Training 3 x forward x batch x steps once per training; sampling NFE x forward x samples x branches."""
+    from redi.config import validate_config
+    from redi.estimate import gpu_hours, grid_costs
+    from redi.models import forward_macs
+    from redi.runs import expand_runs
+    from redi.train import build_run
+
+    config = validate_config({"dataset": {"name": "x"}, "train": {"model": {"size": "B"}, "steps": 1000},
+                              "sample": {"num_samples": 100, "steps": 50},
+                              "runs": {"a": {}, "a-rg": {"train_run": "a", "sample": {"rg_scale": 1.5}}}})
+    runs = expand_runs(config)
+    model, _ = build_run(runs["a"]["train"], 1000, 32, 8)
+    forward = 2.0 * forward_macs(model)["total"]
+    a, rg = grid_costs(runs, 1000, 32)
+    assert a.train_flops == 3 * forward * 256 * 1000 and rg.train_flops == 0  # batch default 256
+    assert a.sample_flops == 50 * forward * 100 and rg.sample_flops == 2 * a.sample_flops  # SDE: 50 NFE
+    assert gpu_hours(989e12 * 0.4 * 3600, 989.0, 0.4) == 1.0
