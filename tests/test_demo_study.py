@@ -1,4 +1,5 @@
-"""config/demo_study*.yaml: every part plans offline, parts share data stages and runs, seed 7 is held back."""
+"""config/demo_study*.yaml: every part plans offline, parts share data stages and runs, seed 7 is held
+back."""
 
 import re
 import subprocess

@@ -70,7 +70,7 @@ def test_each_vit_objective_saves_a_vit_the_feature_encoder_loads(shards, tmp_pa
     # random is the init itself: the same weights as a fresh timm model with the stage's seed
     init = train_standin_vit(shards, tmp_path / "init", config(vit_objective="random", vit_steps=1))
     trained, untrained = vit_weights(tmp_path / objective), vit_weights(tmp_path / "init")
-    assert init["vit"] == {"objective": "random", "linear_probe_accuracy": init["vit"]["linear_probe_accuracy"]}
+    assert set(init["vit"]) == {"objective", "linear_probe_accuracy"}  # nothing trained, nothing to report
     same = all(torch.equal(trained[k], untrained[k]) for k in untrained)
     assert same == (objective == "random")
 

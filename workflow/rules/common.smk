@@ -431,6 +431,8 @@ def report_runs():
             "metrics": metrics_file(n),
             "curve": s["curve"],
             "train_run": s["train_run"],
+            "group": s["group"],
+            "seeds": s["seeds"],
             "step": s["sample"]["train_step"] or s["train"]["steps"],
         }
         for n, s in RUNS.items()
