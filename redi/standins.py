@@ -4,6 +4,10 @@ Pretrained SD-VAE and DINOv2 cannot be downloaded offline, so the demo trains sm
 same families on its own shards and saves them in the formats the real loaders read (a diffusers
 folder, a timm hub-layout folder). encode-latents and extract-features then load them unchanged.
 Two stages, so the two trainings run side by side and changing one does not retrain the other.
+
+The ViT's objective (standins.vit_objective): `supervised` (digit classification: features that
+mostly restate the label), `mae` (a masked autoencoder, self-supervised like DINOv2) or `random`
+(its random init, the negative control). Every objective records a linear probe of its features.
 """
 
 from __future__ import annotations
@@ -112,15 +116,25 @@ def train_vae(images, train_idx, test_idx, cfg, generator) -> tuple[AutoencoderK
                  "scaling_factor": scaling, "latent_shape": list(means.shape[1:])}
 
 
+def _vit_input(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> the ViT's input, normalised as the feature encoder (redi/encoders/vit.py) does."""
+    mean = torch.tensor(vit.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(vit.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    return ((images.permute(0, 3, 1, 2).float() / 255.0) - mean) / std
+
+
+def build_standin_vit(cfg: dict, image_size: int, num_classes: int) -> nn.Module:
+    """The stand-in ViT at its (seeded) random init."""
+    args = vit_args(cfg, image_size, num_classes)
+    return timm.create_model("vit_small_patch8_224", pretrained=False, **args)
+
+
 def train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator) -> tuple[nn.Module, dict]:
     """Digit classification from the class token (small random shifts as augmentation)."""
-    vit = timm.create_model("vit_small_patch8_224", pretrained=False,
-                            **vit_args(cfg, images.shape[1], num_classes))
-    encoder_mean = torch.tensor(vit.pretrained_cfg["mean"]).view(1, 3, 1, 1)
-    encoder_std = torch.tensor(vit.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    vit = build_standin_vit(cfg, images.shape[1], num_classes)
 
     def prepare(idx):
-        return ((images[idx].permute(0, 3, 1, 2).float() / 255.0) - encoder_mean) / encoder_std
+        return _vit_input(vit, images[idx])
 
     def loss_of(batch):
         idx = train_idx[batch]
@@ -136,6 +150,90 @@ def train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator) 
                           for i in range(0, len(test_idx), 256)])
     accuracy = float((pred == labels[test_idx]).float().mean())
     return vit, {"final_train_loss": final["loss"], "test_accuracy": accuracy}
+
+
+MAE_MASK_RATIO = 0.75  # MAE's default: 12 of the 4 x 4 patches of a 32 px digit hidden, 4 seen
+
+
+class MAEDecoder(nn.Module):
+    """MAE's light decoder: encoded visible tokens + mask tokens -> the pixels of every patch."""
+
+    def __init__(self, dim: int, num_patches: int, patch: int, width: int = 64, heads: int = 2):
+        from timm.models.vision_transformer import Block
+
+        super().__init__()
+        self.embed = nn.Linear(dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, num_patches, width) * 0.02)
+        self.block = Block(width, heads)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, patch * patch * 3)
+
+    def forward(self, visible: torch.Tensor, keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """visible (N, K, dim) encoded tokens at patch positions keep (N, K) -> (N, L, p*p*3) pixels."""
+        h = self.mask_token.expand(len(visible), num_patches, -1).clone()
+        h.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]), self.embed(visible))
+        return self.head(self.norm(self.block(h + self.pos)))
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, L, p*p*3) in the ViT's row-major patch order."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // patch, patch, w // patch, patch)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // patch) * (w // patch), patch * patch * c)
+
+
+def mae_encode(vit: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The ViT on the kept patches only (MAE's encoder): (N, K, dim) tokens of the patches in keep."""
+    tokens = vit._pos_embed(vit.patch_embed(x))  # prefix (class) token + patches, with positions
+    prefix = vit.num_prefix_tokens
+    patches = torch.gather(tokens[:, prefix:], 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    h = vit.blocks(vit.norm_pre(torch.cat([tokens[:, :prefix], patches], dim=1)))
+    return vit.norm(h)[:, prefix:]
+
+
+def train_vit_mae(images, train_idx, cfg, num_classes, generator) -> tuple[nn.Module, dict]:
+    """A masked autoencoder: the ViT sees 25 % of the patches, a light decoder restores the others'
+    pixels (MSE on the hidden patches only, as MAE); its patch tokens are the features."""
+    vit = build_standin_vit(cfg, images.shape[1], num_classes)
+    patch, num_patches = cfg["vit_patch"], vit.patch_embed.num_patches
+    decoder = MAEDecoder(vit.embed_dim, num_patches, patch)
+    visible = max(1, round(num_patches * (1 - MAE_MASK_RATIO)))
+    losses = []
+
+    def loss_of(batch):
+        x = _vit_input(vit, images[train_idx[batch]])
+        order = torch.rand(len(x), num_patches, generator=generator).argsort(dim=1)
+        keep, hidden = order[:, :visible], order[:, visible:]
+        pred = decoder(mae_encode(vit, x, keep), keep, num_patches)
+        target = patchify(x, patch)
+        picked = hidden.unsqueeze(-1).expand(-1, -1, target.shape[-1])
+        loss = F.mse_loss(torch.gather(pred, 1, picked), torch.gather(target, 1, picked))
+        losses.append(loss.item())
+        return loss, {"loss": loss.item()}
+
+    both = nn.ModuleList([vit, decoder])
+    _optimise(both, loss_of, cfg["vit_lr"], 0.05, cfg["vit_steps"], len(train_idx), cfg, generator,
+              "ViT (MAE)")
+    window = max(1, len(losses) // 10)  # the loss over the first and the last tenth of the steps
+    return vit.eval(), {"first_train_loss": sum(losses[:window]) / window,
+                        "final_train_loss": sum(losses[-window:]) / window, "mask_ratio": MAE_MASK_RATIO}
+
+
+@torch.no_grad()
+def linear_probe(vit: nn.Module, images, labels, train_idx, test_idx) -> float:
+    """Held-out accuracy of a logistic regression on the mean-pooled patch tokens: how much label
+    information the features carry (sklearn, standardised features)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    vit.eval()
+    pooled = torch.cat([vit.forward_features(_vit_input(vit, images[i: i + 256]))[:, vit.num_prefix_tokens:]
+                        .mean(1) for i in range(0, len(images), 256)]).double().numpy()
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(pooled[train_idx.numpy()], labels[train_idx].numpy())
+    return float(probe.score(pooled[test_idx.numpy()], labels[test_idx].numpy()))
 
 
 def _data_and_split(shard_manifest, cfg: dict):
@@ -167,7 +265,15 @@ def train_standin_vit(shard_manifest: str | os.PathLike, out_dir: str | os.PathL
     start = time.time()
     images, labels, train_idx, test_idx, generator = _data_and_split(shard_manifest, cfg)
     num_classes = read_manifest(shard_manifest)["num_classes"]
-    vit, report = train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator)
+    objective = cfg["vit_objective"]
+    if objective == "supervised":
+        vit, report = train_vit(images, labels, train_idx, test_idx, cfg, num_classes, generator)
+    elif objective == "mae":
+        vit, report = train_vit_mae(images, train_idx, cfg, num_classes, generator)
+    else:  # random: the init alone, the negative control (vit_steps unused)
+        vit, report = build_standin_vit(cfg, images.shape[1], num_classes).eval(), {}
+    report = {"objective": objective, **report,
+              "linear_probe_accuracy": linear_probe(vit, images, labels, train_idx, test_idx)}
     with atomic_dir(Path(out_dir) / "vit") as tmp:
         save_for_hf(vit, tmp, model_args=vit_args(cfg, images.shape[1], num_classes),
                     safe_serialization=True)

@@ -93,7 +93,7 @@ def test_rows_differing_only_in_protocol_show_what_differs_and_absent_metrics_ar
     assert "FD_DINOv2" in table_frames(records)["runs"].columns
 
 
-def _write_run(root, name, label, conditional, table, fid, train_run=None, fd=None):
+def _write_run(root, name, label, conditional, table, fid, train_run=None, fd=None, seed=0):
     rng = np.random.default_rng(len(name))
     images = rng.integers(0, 255, (40, 8, 8, 3), dtype=np.uint8)
     labels = np.arange(40) % 4
@@ -109,7 +109,7 @@ def _write_run(root, name, label, conditional, table, fid, train_run=None, fd=No
     (train / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss_x": 1.0 / s}) + "\n"
                                                  for s in (10, 20)))
     sample_cfg = {"sampler": "sde", "steps": 50, "cfg_scale": 1.0, "cfg_channels": "image",
-                  "cfg_noise_low": 0.0, "cfg_noise_high": 1.0, "rg_scale": 1.0, "seed": 0}
+                  "cfg_noise_low": 0.0, "cfg_noise_high": 1.0, "rg_scale": 1.0, "seed": seed}
     (samples / "manifest.json").write_text(json.dumps({
         "stage": "sample", "config": {"sample": sample_cfg}, "sampler": "sde",
         "inputs": {"checkpoint": {"path": str(train / "final.pt")}}}))
@@ -142,3 +142,54 @@ def test_the_report_names_trainings_and_lays_out_grids(tmp_path):
     assert conditional.shape[0] == 4 * 10 + 2 and plain.shape[0] == 5 * 10 + 2  # 4 class rows; 40 = 5 rows
     images = np.load(tmp_path / "samples" / "base" / "samples.npz")["arr_0"]
     np.testing.assert_array_equal(conditional[12:20, 2:10], images[1])  # row 2 = class 1, its first sample
+
+
+def seeded(group, fids, tables=("runs",), label=None):
+    """The runs of one seeded group: fids {(train seed, sample seed): FID}."""
+    return [record(f"{group}@t{t}s{s}", fid, 800, tables=tables, label=label or group, group=group,
+                   seed=s, **{"train seed": t, "FID": fid, "sFID": 2.0 * fid})
+            for (t, s), fid in fids.items()]
+
+
+def test_seeded_groups_are_one_row_with_mean_std_n_and_a_paired_difference_to_the_first_row():
+    base = {(0, 0): 100.0, (0, 1): 104.0, (1, 0): 110.0, (1, 1): 98.0}
+    redi = {(0, 0): 90.0, (0, 1): 95.0, (1, 0): 99.0, (1, 1): 88.0}  # ~10 better on every pair
+    noisy = {(0, 0): 130.0, (0, 1): 80.0, (1, 0): 112.0}  # one pair missing, differences spread wide
+    records = unique_labels(seeded("baseline", base) + seeded("redi", redi) + seeded("noisy", noisy))
+    frame = table_frames(records)["runs"]
+    assert list(frame["run"]) == ["baseline", "redi", "noisy"] and list(frame["n"]) == [4, 4, 3]
+    fid = frame.set_index("run")["FID"]
+    # hand-computed: baseline mean 103, sample std sqrt(((-3)^2 + 1 + 49 + 25) / 3) = sqrt(28)
+    assert fid["baseline"].mean == pytest.approx(103.0) and fid["baseline"].std == pytest.approx(28 ** 0.5)
+    assert fid["redi"].mean == pytest.approx(93.0)
+    assert frame.set_index("run")["sFID"]["redi"].mean == pytest.approx(186.0)
+    diff = frame.set_index("run")["ΔFID vs baseline"]
+    assert diff["baseline"] is None
+    # redi - baseline per pair: -10, -9, -11, -10 -> mean -10, std sqrt(2/3); |-10| > 2 std / 2: marked
+    assert diff["redi"].mean == pytest.approx(-10.0) and diff["redi"].std == pytest.approx((2 / 3) ** 0.5)
+    assert diff["redi"].n == 4 and diff["redi"].marked
+    # noisy - baseline over its 3 pairs: 30, -24, 2 -> mean 8/3, std sqrt(1474.67); not marked
+    d = np.array([30.0, -24.0, 2.0])
+    assert diff["noisy"].n == 3 and diff["noisy"].mean == pytest.approx(d.mean())
+    assert diff["noisy"].std == pytest.approx(d.std(ddof=1)) and not diff["noisy"].marked
+    assert str(diff["redi"]) == f"-10.00 ± {(2 / 3) ** 0.5:.3f} *"
+    assert frame.attrs["paired"] and "seed" not in frame.columns  # every row covers sample seeds 0, 1
+
+
+def test_the_report_keeps_one_csv_row_per_run_and_one_table_row_per_group(tmp_path):
+    runs = []
+    for t in (0, 1):
+        for s in (0, 1):
+            for group, fid in (("base", 100.0 + t + 2 * s), ("redi", 90.0 + 3 * t + s)):
+                name = f"{group}@t{t}s{s}"
+                run = _write_run(tmp_path, name, group, False, "runs", fid, train_run=f"{group}@t{t}s0",
+                                 seed=s)
+                runs.append(run | {"group": group, "seeds": {"train": t, "sample": s}})
+    tables = write_report(runs, tmp_path / "report")
+    csv = (tmp_path / "report" / "runs.csv").read_text().splitlines()
+    assert len(csv) == 1 + 8 and "group" in csv[0] and "train seed" in csv[0]
+    md = (tmp_path / "report" / "tables.md").read_text()
+    assert "| base |" in md and "| redi |" in md and "ΔFID vs base" in md and "2 standard errors" in md
+    assert list(tables["runs"]["n"]) == [4, 4]
+    # redi - base per pair (t, s): -10, -11, -8, -9 -> mean -9.5, std sqrt(5/3), 2 SE = 1.29: marked
+    assert f"| -9.50 ± {(5 / 3) ** 0.5:.2f} * |" in md

@@ -109,3 +109,68 @@ def test_the_paper_grid_plans_offline(tmp_path):
     assert counts["report"] == 1 and counts["shard"] == 1 and counts["reference_stats"] == 1
     assert "official-sit-xl2-redi" in done.stdout
     assert counts["fetch"] == 2  # the released checkpoint and ADM's reference batch, downloaded when missing
+
+
+def test_seeds_expand_into_one_run_per_pair_sharing_each_training():
+    runs = expand_runs(grid({"base": {"train": {"model": {"fusion": "none"}}, "seeds": {"train": [0, 1],
+                                                                                        "sample": [0, 2]}},
+                             "plain": None},
+                            train={"steps": 800}))
+    assert list(runs) == ["base@t0s0", "base@t0s2", "base@t1s0", "base@t1s2", "plain"]
+    for t in (0, 1):
+        for s in (0, 2):
+            run = runs[f"base@t{t}s{s}"]
+            assert (run["train"]["seed"], run["sample"]["seed"]) == (t, s)
+            assert run["group"] == "base" and run["seeds"] == {"train": t, "sample": s}
+            assert run["train_run"] == f"base@t{t}s0"  # sample seeds of one train seed share its training
+            assert run["train"]["model"]["fusion"] == "none"
+    assert runs["plain"]["group"] == "plain" and runs["plain"]["seeds"] == {"train": 0, "sample": 0}
+    assert runs["plain"]["train_run"] == "plain"
+
+
+def test_a_variant_of_a_seeded_run_samples_each_training_seed():
+    runs = expand_runs(grid({"redi": {"seeds": {"train": [0, 1], "sample": [0, 1]}, "fid_steps": [400]},
+                             "rg": {"train_run": "redi", "sample": {"rg_scale": 1.5}},
+                             "oracle": {"train_run": "redi", "seeds": {"sample": [4]}}},
+                            train={"steps": 800, "rep_dropout": 0.2}))
+    rg = {n: r for n, r in runs.items() if r["group"] == "rg"}
+    assert sorted(rg) == ["rg@t0s0", "rg@t0s1", "rg@t1s0", "rg@t1s1"]  # the source's sample seeds
+    assert all(r["train_run"] == f"redi@t{r['seeds']['train']}s0" for r in rg.values())
+    assert all(r["train"] == runs[r["train_run"]]["train"] for r in rg.values())
+    assert [n for n, r in runs.items() if r["group"] == "oracle"] == ["oracle@t0s4", "oracle@t1s4"]
+    # fid_steps of a seeded run: one point per seed pair, grouped as <run>-step<N>
+    points = {n: r for n, r in runs.items() if r["group"] == "redi-step400"}
+    assert sorted(points) == ["redi-step400@t0s0", "redi-step400@t0s1", "redi-step400@t1s0",
+                              "redi-step400@t1s1"]
+    assert all(p["sample"]["train_step"] == 400 and p["train_run"] == f"redi@t{p['seeds']['train']}s0"
+               and p["sample"]["seed"] == p["seeds"]["sample"] for p in points.values())
+    assert {tuple(r["train"]["snapshot_steps"]) for r in runs.values()} == {(400,)}
+
+
+@pytest.mark.parametrize("runs, message", [
+    ({"a": {"seeds": {"train": [0, 1]}, "train": {"seed": 3}}}, "run 'a' sets train.seed and seeds.train"),
+    ({"a": {"seeds": {"sample": [0]}}, "b": {"train_run": "a", "seeds": {"train": [1]}}},
+     "run 'b' has train_run and seeds.train"),
+    ({"a": {"seeds": {"sample": [1, 1]}}}, "run 'a': seeds.sample [1, 1] repeats a seed"),
+])
+def test_bad_seeds_are_named(runs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        expand_runs(grid(runs))
+
+
+def test_seeded_run_names_plan_in_snakemake(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "ci.yaml").read_text())
+    config["runs"] = {"baseline": {"train": {"model": {"fusion": "none"}}, "seeds": {"train": [0, 1],
+                                                                                   "sample": [0, 1]}},
+                      "redi": {"seeds": {"train": [0], "sample": [0]}, "fid_steps": [10]}}
+    configfile = tmp_path / "seeded.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                           str(tmp_path), "--configfile", str(configfile), "-n"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = done.stdout.split("Job stats:")[1].split("Reasons")[0]
+    counts = {line.split()[0]: int(line.split()[1]) for line in table.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    assert counts["train"] == 3 and counts["sample"] == counts["evaluate"] == 6
+    assert "samples/baseline@t1s1/" in done.stdout and "train/redi@t0s0/" in done.stdout

@@ -54,3 +54,47 @@ def test_same_seed_same_weights_other_seed_other_weights(shards, tmp_path):
         runs[name] = load_file(tmp_path / name / "vae" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+def vit_weights(folder):
+    return load_file(folder / "vit" / "model.safetensors")
+
+
+@pytest.mark.parametrize("objective", ["supervised", "mae", "random"])
+def test_each_vit_objective_saves_a_vit_the_feature_encoder_loads(shards, tmp_path, objective):
+    manifest = train_standin_vit(shards, tmp_path / objective, config(vit_objective=objective))
+    vit = load_encoder("standin-vit", str(tmp_path / objective / "vit"), grid=4)
+    assert vit(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)).shape == (2, 16, 16)
+    report = manifest["vit"]
+    assert report["objective"] == objective and 0.0 <= report["linear_probe_accuracy"] <= 1.0
+    # random is the init itself: the same weights as a fresh timm model with the stage's seed
+    init = train_standin_vit(shards, tmp_path / "init", config(vit_objective="random", vit_steps=1))
+    trained, untrained = vit_weights(tmp_path / objective), vit_weights(tmp_path / "init")
+    assert set(init["vit"]) == {"objective", "linear_probe_accuracy"}  # nothing trained, nothing to report
+    same = all(torch.equal(trained[k], untrained[k]) for k in untrained)
+    assert same == (objective == "random")
+
+
+def test_mae_loss_falls(shards, tmp_path):
+    manifest = train_standin_vit(shards, tmp_path, config(vit_objective="mae", vit_steps=40, vit_lr=3e-3))
+    report = manifest["vit"]
+    assert report["final_train_loss"] < 0.7 * report["first_train_loss"], report
+    assert report["mask_ratio"] == 0.75
+
+
+def test_mae_sees_only_the_kept_patches():
+    from redi.standins import build_standin_vit, mae_encode, patchify
+
+    cfg = config()
+    vit = build_standin_vit(cfg, 32, 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.tensor([[0, 5, 9, 15], [3, 4, 10, 12]])
+    tokens = mae_encode(vit, x, keep)
+    patches = patchify(x, 8)
+    assert patches.shape == (2, 16, 192)
+    torch.testing.assert_close(patches[0, 5].reshape(8, 8, 3).permute(2, 0, 1), x[0, :, 8:16, 8:16])
+    changed = x.clone()
+    changed[1, :, 0:8, 0:8] += 5.0  # patch 0 of sample 1 is hidden: its tokens must not move
+    torch.testing.assert_close(mae_encode(vit, changed, keep)[1], tokens[1])
+    changed[1, :, 0:8, 24:32] += 5.0  # patch 3 of sample 1 is kept
+    assert not torch.allclose(mae_encode(vit, changed, keep)[1], tokens[1])

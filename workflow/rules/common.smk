@@ -153,7 +153,9 @@ def upstream(stage, run=None):
         "convert-pca": [],
         "project-features": ["shard", pca_stage()] + vit,
         "train": ["encode-latents", "project-features"],
-        "sample": ([] if cfg(run)["sample"]["checkpoint"] else ["train"]) + vae,
+        "sample": ([] if cfg(run)["sample"]["checkpoint"] else ["train"])
+        + vae
+        + (["project-features"] if cfg(run)["sample"]["oracle"] else []),
         "convert-inception": [],
         "reference-stats": ([] if config["evaluate"]["reference"] else ["shard"])
         + (["convert-inception"] if converts_inception() else []),
@@ -426,6 +428,13 @@ def sample_checkpoint(run):
     return cfg(run)["sample"]["checkpoint"] or f"{trained}/final.pt"
 
 
+def oracle_features(run):
+    """What sample.oracle reads: the true z of real images (pca_features.h5); nothing otherwise."""
+    if not cfg(run)["sample"]["oracle"]:
+        return {}
+    return {"features": f"{stage_dir('project-features')}/pca_features.h5"}
+
+
 def sample_weights(wildcards):
     """params function: the weights `sample` reads: sample_checkpoint, or the train_step snapshot."""
     step = cfg(wildcards.run)["sample"]["train_step"]
@@ -477,6 +486,8 @@ def report_runs():
             "metrics": metrics_file(n),
             "curve": s["curve"],
             "train_run": s["train_run"],
+            "group": s["group"],
+            "seeds": s["seeds"],
             "step": s["sample"]["train_step"] or s["train"]["steps"],
         }
         for n, s in RUNS.items()

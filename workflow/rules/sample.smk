@@ -9,6 +9,7 @@ rule sample:
                 lambda w: {
                     "checkpoint": sample_checkpoint(w.run),
                     "standins": standin_input("latents"),
+                    **oracle_features(w.run),
                 },
             )
         ),
@@ -34,6 +35,10 @@ rule sample:
         flags=lambda w: encoder_flags("sample", "latents", w.run),
         launcher=launcher,
         weights=sample_weights,
+        features=lambda w: " ".join(
+            f"--features {shlex.quote(f)}" for f in oracle_features(w.run).values()
+        ),
     shell:
-        "{params.env} {params.launcher} sample --checkpoint {params.weights:q} --out {params.out:q} {params.flags}"
-        " {resources.speed} --device {resources.device:q} > {log:q} 2>&1"
+        "{params.env} {params.launcher} sample --checkpoint {params.weights:q} {params.features}"
+        " --out {params.out:q} {params.flags} {resources.speed} --device {resources.device:q}"
+        " > {log:q} 2>&1"

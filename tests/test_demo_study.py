@@ -1,0 +1,53 @@
+"""config/demo_study*.yaml: every part plans offline, parts share data stages and runs, seed 7 is held
+back."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from redi.config import validate_config
+from redi.runs import deep_merge, expand_runs
+
+REPO = Path(__file__).resolve().parents[1]
+PARTS = ["demo_study_part1", "demo_study_part2", "demo_study_part3_mae", "demo_study_part3_random",
+         "demo_study_part4"]
+HELD_BACK_SEED = 7
+
+
+def part_config(part):
+    base = yaml.safe_load((REPO / "config" / "demo_study.yaml").read_text())
+    return validate_config(deep_merge(base, yaml.safe_load((REPO / "config" / f"{part}.yaml").read_text())))
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_group_has_two_training_and_two_sample_seeds_and_none_uses_the_held_back_one(part):
+    runs = expand_runs(part_config(part))
+    groups = {}
+    for run in runs.values():
+        groups.setdefault(run["group"], set()).add((run["seeds"]["train"], run["seeds"]["sample"]))
+    for group, pairs in groups.items():
+        assert {t for t, _ in pairs} == {0, 1} and {s for _, s in pairs} == {0, 1}, group
+    assert all(run["sample"]["seed"] != HELD_BACK_SEED for run in runs.values())
+
+
+def planned_dirs(workdir, part):
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
+                           str(workdir), "--configfile", str(REPO / "config" / "demo_study.yaml"),
+                           str(REPO / "config" / f"{part}.yaml"), "-n"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return set(re.findall(r"results/mnist-demo/([\w-]+/(?:[\w.@-]+/)?[0-9a-f]{8})/", done.stdout))
+
+
+def test_the_parts_share_data_stages_and_reuse_each_others_runs(tmp_path):
+    plans = {part: planned_dirs(tmp_path, part) for part in PARTS}
+    one, two, mae = plans["demo_study_part1"], plans["demo_study_part2"], plans["demo_study_part3_mae"]
+    shared = {d for d in one if d.split("/")[0] in ("shards", "latents", "standin-vae", "reference")}
+    assert len(shared) == 4 and all(shared <= plan for plan in plans.values())
+    reused = {d for d in one if d.startswith(("train/baseline@", "train/redi-mr@"))}
+    assert len(reused) == 4 and reused <= two  # part 2 trains only redi-concat
+    assert not {d for d in one if d.startswith("standin-vit/")} & mae  # part 3 retrains the stand-in ViT
