@@ -214,7 +214,8 @@ def test_stage_config_without_resources_has_no_resource_keys(stage):
         dropped = set(with_resources[section]) - set(values)
         speed_only = {"shard": {"workers"}, "latents": {"workers", "batch_size"},
                       "features": {"workers", "batch_size"},
-                      "train": {"ckpt_every", "keep_checkpoints", "snapshot_steps", "log_every", "compile"},
+                      "train": {"ckpt_every", "keep_checkpoints", "snapshot_steps", "log_every", "compile",
+                                "tensorboard"},
                       "sample": {"batch_size"}, "evaluate": {"batch_size"}}.get(section, set())
         assert dropped == (speed_only & set(with_resources[section])), section
         assert set(values) <= set(full[section])
