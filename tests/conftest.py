@@ -60,6 +60,17 @@ def tiny_folder_layout() -> dict[str, list[tuple[str, tuple[int, int]]]]:
 # --- end of tiny image folder fixtures ------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Small CPU models: intra-op threads only add overhead on a busy machine; restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- tiny diffusers VAE (encoder / sampling tests) ------------------------------------------------
 
 def write_tiny_vae(folder: Path, seed: int = 0) -> Path:

@@ -21,13 +21,7 @@ PAPER_GFLOPS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small CPU models: intra-op threads only add overhead on a busy machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 def meta_model(size: str, patch: int, fusion: str = "none", **kwargs):

@@ -30,13 +30,7 @@ CLASSES = 10
 S_DEPTH, S_WIDTH, S_HEADS = 12, 384, 6  # the S size of DiT / SiT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors: intra-op threads only add overhead on a busy machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread
 
 
 # --- the reference: the official model, written out ------------------------------------------------

@@ -287,12 +287,12 @@ def train_env():
     return f"{gpu_env('train')} REDI_STOP_MARGIN_S={config['launch']['stop_margin_s']}"
 
 
-for _rule in ("train", "sample"):
-    _gpus = config["resources"][_rule]["gpus"]
+for _stage in ("train", "sample"):
+    _gpus = config["resources"][_stage]["gpus"]
     if _gpus and _gpus != config["launch"]["nproc_per_node"]:
         raise WorkflowError(
-            f"resources.{_rule}.gpus is {_gpus} but launch.nproc_per_node is "
-            f"{config['launch']['nproc_per_node']}: {_rule} runs one process per GPU, set them equal"
+            f"resources.{_stage}.gpus is {_gpus} but launch.nproc_per_node is "
+            f"{config['launch']['nproc_per_node']}: {_stage} runs one process per GPU, set them equal"
         )
 
 
