@@ -419,7 +419,10 @@ def plot_training(records: list[dict], path: Path) -> None:
         if any("loss_z" in entry for entry in lines):
             axes[1].plot(steps, [entry.get("loss_z", np.nan) for entry in lines], **style)
     axes[0].set(title="image loss (MSE_x)", xlabel="training step", yscale="log")
-    axes[1].set(title="representation loss (MSE_z, ReDi trainings)", xlabel="training step", yscale="log")
+    # concat's z loss is over bilinearly upsampled maps at the latent's resolution: not comparable
+    # with merged/separate, whose z lives on the token grid
+    axes[1].set(title="representation loss (MSE_z; concat: at latent resolution)", xlabel="training step",
+                yscale="log")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
