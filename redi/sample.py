@@ -33,7 +33,7 @@ from torch import nn
 
 from .code_version import stage_code_version
 from .config import identity
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, LinearInterpolant
 from .encoders import LatentEncoder, load_encoder
 from .errors import ReDiError
 from .guidance import Guidance, guided_prediction
@@ -234,18 +234,15 @@ def oracle_noise(base: int, indices: list[int]) -> PerSampleNoise:
 
 
 def oracle_predict(predict, z_true: torch.Tensor, eps: torch.Tensor, diffusion: GaussianDiffusion | None):
-    """predict with the model's z input replaced by the true z noised to each step's level.
+    """predict with the model's z input replaced by the true z noised to each step's level, by the
+    objective's own q_sample (interpolant: t z + (1 - t) eps; DDPM: at the model timestep).
 
-    Interpolant: z_t = t z + (1 - t) eps; DDPM: the objective's q_sample at the model timestep.
     The noise eps is fixed per sample across steps; the sampler's own z state is ignored.
     """
+    noising = diffusion if diffusion is not None else LinearInterpolant()
+
     def wrapped(x, z, t):
-        if diffusion is None:
-            level = t.view(-1, *[1] * (z_true.dim() - 1)).to(z_true.dtype)
-            z_t = level * z_true + (1 - level) * eps
-        else:
-            z_t = diffusion.q_sample(z_true, t, eps)
-        return predict(x, z_t, t)
+        return predict(x, noising.q_sample(z_true, t, eps), t)
 
     return wrapped
 
