@@ -14,13 +14,14 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_info  # benchmarks/, this script's folder
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub (imports below are lazy)
 
@@ -30,6 +31,8 @@ def demo_standins() -> dict:
     from redi.config import load_config
 
     return load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")["standins"]
+
+
 PCA_BUDGET_MIB = 1024
 MIB = 1 << 20
 
@@ -94,19 +97,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.pca_vectors < 2 or args.pca_rank < 1 or args.pca_rank >= args.pca_dim:
         p.error("need --pca-vectors >= 2 and 1 <= --pca-rank < --pca-dim")
     return args
-
-
-def machine_info() -> dict:
-    import numpy
-    import torch
-
-    return {
-        "platform": platform.platform(), "processor": platform.machine(),
-        "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-        "cuda_used": False,
-    }
 
 
 def timed(fn, *a, **kw):
@@ -385,8 +375,8 @@ def main(argv=None) -> int:
         work = args.out_dir
     else:
         work = Path(tempfile.mkdtemp(prefix="redi-bench-"))
-    result = {"machine": machine_info(), "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                                      for k, v in vars(args).items()},
+    result = {"machine": machine_info() | {"cuda_used": False},  # CPU only
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "stages": []}
     try:
         if not args.skip_images:

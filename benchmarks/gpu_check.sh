@@ -104,7 +104,7 @@ checks() {
   fi
   "$py" benchmarks/gpu_preflight.py || echo "gpu_check: static preflight failed (the real imports decide)"
   "$py" -c "
-import torch, redi.cli, redi.train, redi.sample, redi.metrics.evaluate, torch_fidelity, h5py, jsonschema
+import torch, redi.cli, redi.train, redi.sample, redi.metrics.evaluate, redi.metrics.features, torch_fidelity, h5py, jsonschema
 print('torch', torch.__version__, 'cuda', torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')
 assert '$mode' != 'gpu' or torch.cuda.is_available(), 'torch sees no CUDA device'

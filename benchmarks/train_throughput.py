@@ -16,13 +16,9 @@ See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import gc
 import json
-import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -31,8 +27,8 @@ import time
 from pathlib import Path
 
 from interleave import cycle_rounds, round_order  # benchmarks/, this script's folder
+from machine import MIB, busy, finish, machine_info
 
-MIB = 1 << 20
 LOADER_TARGET = 5000  # samples/s of (latent, feature, label) on one CPU thread
 RATIO_TARGET = 1.01  # merged / none step time, DiT-B/2 on CPU
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.7}, "H200": {"bf16": 989.0, "fp32": 494.7}}  # dense
@@ -130,20 +126,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def machine_info() -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average_start": os.getloadavg()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_mib=round(props.total_memory / MIB),
-                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
-    return info
 
 
 # ---------------------------------------------------------------- part 1: loader
@@ -341,60 +323,45 @@ def train_config(args, fusion: str) -> dict:
 
 
 def build_variant(fusion: str, args, device) -> dict:
-    """Model, objective, EMA and AdamW exactly as redi.train.train builds them."""
+    """Model, EMA, AdamW and the training step exactly as redi.train builds them (new_training, TrainStep)."""
     import torch
 
     from redi.models import forward_macs
-    from redi.train import build_run
+    from redi.train import TrainStep, new_training
 
-    cfg = train_config(args, fusion)
-    torch.manual_seed(args.seed)  # the shared parts start from the same weights in every variant
-    model, objective = build_run(cfg, 1000, args.input_size, cfg["rank"])
-    model.to(device)
-    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                            fused=device.type == "cuda")
-    return {"fusion": fusion, "cfg": cfg, "model": model, "ema": ema, "opt": opt, "objective": objective,
-            "forward": torch.compile(model, backend=args.compile_backend) if cfg["compile"] else model,
+    cfg = train_config(args, fusion) | {"seed": args.seed}  # the same initial weights in every variant
+    model, ema, opt, objective = new_training(cfg, 1000, args.input_size, device)
+    forward = torch.compile(model, backend=args.compile_backend) if cfg["compile"] else model
+    step = TrainStep(model, ema, opt, objective, cfg, device, 0.18215, forward=forward)
+    return {"fusion": fusion, "cfg": cfg, "model": model, "step": step, "number": 0,
             "macs": forward_macs(model),
             "params": sum(q.numel() for q in model.parameters() if q.requires_grad),
             "times": [], "cpu_times": [], "peak_mib": 0.0, "resident_mib": 0.0, "loss": None, "error": None}
 
 
-def train_step(v: dict, batch_cpu: dict, scaling_factor: float, bf16: bool, device) -> dict:
-    """One step of redi.train.train's loop (logging and checkpointing aside), synchronised."""
+def train_step(v: dict, data, batch_size: int, device) -> dict:
+    """One step of redi.train's loop, logging and checkpointing aside: next_batch on the device (pinned
+    float16 rows on CUDA) + TrainStep; synchronised, and the non-finite flags read, after it."""
     import torch
 
-    from redi.train import update_ema
-
-    cfg, model, opt = v["cfg"], v["model"], v["opt"]
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)
     start, start_cpu = time.perf_counter(), time.process_time()
-    for group in opt.param_groups:
-        group["lr"] = cfg["lr"]
-    batch = {k: t.to(device, non_blocking=True) for k, t in batch_cpu.items()}
-    x = (batch["mean"] + batch["std"] * torch.randn_like(batch["std"])) * scaling_factor
-    z = batch["z"] if cfg["model"]["fusion"] != "none" else None
-    with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-        losses = v["objective"].loss(v["forward"], x, z, batch["y"] if cfg["conditional"] else None)
-    if not torch.isfinite(losses["loss"]).item():  # train.py's check: one host sync per step
-        raise FloatingPointError(f"non-finite loss {losses['loss'].item()}")
-    opt.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf)
-    opt.step()
-    update_ema(v["ema"], model, cfg["ema_decay"])
+    for group in v["step"].opt.param_groups:
+        group["lr"] = v["cfg"]["lr"]
+    v["number"] += 1
+    losses = v["step"](data.next_batch(batch_size, device), v["number"])
     if cuda:
         torch.cuda.synchronize(device)
     out = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - start_cpu}
     if cuda:
         out.update(peak_mib=torch.cuda.max_memory_allocated(device) / MIB, resident_mib=resident / MIB)
+    v["step"].check()  # untimed: on CUDA train.py reads the flags every CUDA_CHECK_EVERY steps
     v["loss"] = float(losses["loss"].detach())
-    model.zero_grad(set_to_none=True)  # untimed: free this variant's gradients before the next one runs
+    v["model"].zero_grad(set_to_none=True)  # untimed: free this variant's gradients before the next one runs
     return out
 
 
@@ -413,22 +380,23 @@ def default_peak(device, dtype: str) -> tuple[float | None, str]:
 def bench_model(args) -> dict:
     import torch
 
+    from redi.devices import allow_tf32
+    from redi.train import NonFiniteStep
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":  # as train.py
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    bf16 = args.dtype == "bf16"
+    allow_tf32(device)  # as train.py
     variants = [build_variant(f, args, device) for f in args.fusions]
+    from redi.data.training_data import TrainingData
 
-    gen = torch.Generator().manual_seed(args.seed)
     s, grid, b = args.input_size, args.input_size // args.patch, args.batch
-    batch_cpu = {  # float32 on the CPU, as TrainingData.next_batch returns it; copied to the device each step
-        "mean": torch.randn(b, 4, s, s, generator=gen), "std": 0.05 * torch.rand(b, 4, s, s, generator=gen),
-        "z": 5 * torch.randn(b, args.rep_channels, grid, grid, generator=gen),
-        "y": torch.randint(0, 1000, (b,), generator=gen),
-    }
+    work = Path(tempfile.mkdtemp(prefix="redi-step-"))
+    try:  # the data as train.py holds it: float16 rows of a latents.h5 / pca_features.h5 pair in memory
+        pair = write_synthetic_pair(work, 2 * b, args.rep_channels, s, grid, 2 * b, args.seed)
+        data = TrainingData(pair["latents"], pair["features"], args.rep_channels, seed=args.seed)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     oom = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", RuntimeError))
     torch.manual_seed(args.seed * 1000)
     cycle = cycle_rounds(len(variants))
@@ -444,12 +412,12 @@ def bench_model(args) -> dict:
             if v["error"]:
                 continue
             try:
-                step = train_step(v, batch_cpu, 0.18215, bf16, device)
-            except (oom, FloatingPointError) as err:
+                step = train_step(v, data, b, device)
+            except (oom, NonFiniteStep) as err:
                 v["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
             if v["error"]:  # outside the except block, so that the traceback's tensors are gone too
                 print(f"{v['fusion']}: {v['error']}; dropped", file=sys.stderr, flush=True)
-                for key in ("model", "ema", "opt", "forward"):
+                for key in ("model", "step"):
                     v[key] = None
                 gc.collect()
                 if device.type == "cuda":
@@ -512,8 +480,8 @@ def print_model(r: dict, s: dict, m: dict) -> None:
           f"x{s['input_size']}, {r['tokens']} tokens, batch {s['batch']}, {s['objective']}, r = "
           f"{s['rep_channels']}, {s['dtype']}{', torch.compile' if s['compile'] else ''}"
           f"{', grad checkpointing' if s['grad_checkpointing'] else ''}, {where}")
-    print("step = redi.train's: batch .to(device) + posterior sample + joint loss (autocast) + "
-          "isfinite().item() + zero_grad + backward + clip_grad_norm_ + AdamW + update_ema;")
+    print("step = redi.train's: next_batch on the device + TrainStep (posterior sample, joint loss under "
+          "autocast, zero_grad, backward, gradient norm, non-finite check, AdamW, EMA);")
     print(f"{s['steps']} timed steps per variant after {s['warmup']} warm-up round(s), interleaved "
           f"carry-over balanced, median; MFU peak: {r['peak_tflops'] or 'n/a'} TFLOP/s ({r['peak_source']})")
     head = (f"\n{'variant':<10}{'params':>13}{'GFLOP/img':>11}{'step ms':>10}{'min..max ms':>15}"
@@ -548,8 +516,7 @@ def print_model(r: dict, s: dict, m: dict) -> None:
         print(f"merged / none step time (worse of median and paired) {t['ratio']:.3f} <= {t['limit']}: "
               f"{verdict}{scope}")
     print(FLOP_NOTE)
-    busy = m["load_average_start"][0] > 0.5 or m["load_average_end"][0] > m["cpu_affinity"] + 0.5
-    if not cuda and s["model_threads"] > 1 and busy:
+    if not cuda and s["model_threads"] > 1 and busy(m):
         print(f"note: other jobs were running; {s['model_threads']} OpenMP threads stall (spin) whenever one "
               "of them loses its core, which can slow a step several-fold: compare with --threads 1")
     if cuda:
@@ -573,23 +540,20 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         result["settings"]["model_threads"] = torch.get_num_threads()
         result["model"] = bench_model(args)
-        result["machine"]["load_average_end"] = os.getloadavg()
+        finish(result["machine"])  # the end load, for print_model's note on other jobs
         print_model(result["model"], result["settings"], result["machine"])
         t = result["model"]["merged_target"]
         failed |= bool(t and t["applies"] and not t["pass"])
         failed |= any(row["error"] for row in result["model"]["variants"].values())
-        if args.loader:  # train.py fetches each batch serially (no prefetch): the loader's share of a step
+        if args.loader:  # on CPU train.py fetches each batch serially: the loader's share of a step
             loader, base = result["loader"], result["model"]["variants"].get(result["model"]["baseline"])
             if base and "step_s_median" in base:
                 fetch = args.batch / loader["samples_per_s"]
                 result["model"]["serial_loader_share"] = fetch / (fetch + base["step_s_median"])
                 print(f"next_batch({args.batch}) at the measured loader rate takes {1e3 * fetch:.1f} ms: "
                       f"{100 * result['model']['serial_loader_share']:.1f} % of a baseline step run "
-                      "serially (train.py does not prefetch)")
-    result["machine"]["load_average_end"] = os.getloadavg()
-    la = [result["machine"][k] for k in ("load_average_start", "load_average_end")]
-    print("load average (1/5/15 min) start -> end: "
-          + " -> ".join("/".join(f"{x:.2f}" for x in v) for v in la))
+                      "serially (on CUDA the host prepares the next batch while the GPU runs the step)")
+    print(finish(result["machine"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -120,7 +120,7 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
                          "redi.features:run_extract_stage"),
     "fit-pca": ("Fit standardisation + PCA on the sampled tokens by streaming float64 moments.",
                 [("--features", "features.h5 of extract-features"),
-                 ("--out", "output pca.npz (manifest.json is written beside it)")], "redi.pca:run_stage"),
+                 ("--out", "output pca.npz (manifest.json is written beside it)")], "redi.fit_pca:run_stage"),
     "fetch": ("Download a published file (released checkpoint, ADM's reference batch) to --out, atomically.",
               [("--source", "hf://<owner>/<repo>[/<file>] or an http(s)/file URL"),
                ("--out", "the file to write (the config's sample.checkpoint or evaluate.reference)")],
@@ -154,7 +154,7 @@ _STAGES: dict[str, tuple[str, list[tuple], str]] = {
                           "layout, and check pool3 agrees (max abs difference < 1e-4).",
                           [("--out", "output .pth (manifest.json is written beside it)"),
                            ("--torchscript", "the TorchScript file (default: the installed wheel's)", False)],
-                          "redi.metrics.evaluate:run_convert_stage"),
+                          "redi.metrics.convert:run_convert_stage"),
     "reference-stats": ("Inception (and DINOv2) statistics (mu/sigma, mu_s/sigma_s, P/R activations) of "
                         "reference images, streamed and resumable: shards, an image folder, or ADM's npz.",
                         [("--source", "shard manifest.json, image folder, or .npz with arr_0 (and mu/sigma)"),

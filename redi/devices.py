@@ -7,14 +7,20 @@ SLURM_STEP_GPUS) or when the workflow's rule asked for one (REDI_GPUS > 0, set f
 `resources.<stage>.gpus`). `cuda` / `cuda:N` always require a usable device. A GPU that is wanted
 but unusable is a ReDiError naming what torch.cuda reported (CPU-only build, a driver the build
 cannot use, no device visible). A module of its own so light stages need not import the encoders.
+
+Also the process set-up every neural stage shares: torchrun's process group (gloo on CPU, nccl on
+GPU), the collectives the loops use, and one precision rule for train and sample.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from .errors import ReDiError
 
@@ -82,3 +88,64 @@ def resolve_device(device: str) -> torch.device:
         if target.index is not None and target.index >= torch.cuda.device_count():
             raise ReDiError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return target
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def setup_distributed(device: str, timeout: timedelta | None = None) -> tuple[int, int, torch.device]:
+    """(process rank, world size, device); initialises the process group under torchrun (gloo on
+    CPU, nccl on GPU). `timeout` bounds collective waits (torch's default: 10 minutes for NCCL)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    target = resolve_device(device)
+    if target.type == "cuda":
+        target = torch.device("cuda", local_rank)
+        torch.cuda.set_device(target)
+    dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timeout)
+    return dist.get_rank(), world, target
+
+
+def all_mean(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Means over processes of scalar metrics."""
+    if world == 1:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / world).tolist(), strict=True))
+
+
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every process when `flag` is True on at least one."""
+    if world == 1:
+        return flag
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def barrier(world: int) -> None:
+    """Wait for every process (nothing to wait for alone)."""
+    if world > 1:
+        dist.barrier()
+
+
+# --- precision ---------------------------------------------------------------------------------
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """The one precision rule of train and sample: `bf16` autocasts on any device, `auto` on CUDA
+    only, `fp32` never."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(bf16: bool, device: torch.device):
+    """torch.autocast to bfloat16 when `bf16`, else a context that does nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def allow_tf32(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA (what fp32 means on the official code's GPUs)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

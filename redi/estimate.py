@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import forward_macs
+from .models import build_run, forward_macs
 from .runs import SAMPLERS
-from .train import build_run
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets (SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from html import escape
 from pathlib import Path
 
 import matplotlib
@@ -28,9 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .checkpoints import SNAPSHOTS  # noqa: E402
 from .errors import ReDiError  # noqa: E402
 from .io import atomic_path, read_manifest, write_manifest  # noqa: E402
-from .train import SNAPSHOTS  # noqa: E402
 
 HIDDEN = ("name", "tables", "train_dir", "samples_dir", "curve", "training", "group", "train seed")
 # (bookkeeping, not table columns; runs.csv keeps group and train seed)
@@ -269,6 +270,28 @@ def markdown(tables: dict[str, pd.DataFrame]) -> str:
     return "\n".join(lines)
 
 
+def html(tables: dict[str, pd.DataFrame]) -> str:
+    """The tables as one standalone HTML page: what the Snakemake report shows inline (it offers a
+    Markdown file only as a download)."""
+    parts = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8"><title>ReDi results</title><style>',
+             "body{font-family:sans-serif;margin:1.5em;color:#222}",
+             "table{border-collapse:collapse;margin:.5em 0}",
+             "th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f3f3f3}",
+             "td:first-child,th:first-child{text-align:left}p{color:#555;max-width:60em}",
+             "</style></head><body>"]
+    for name, frame in tables.items():
+        parts += [f"<h2>{escape(name)}</h2>", "<table><tr>"
+                  + "".join(f"<th>{escape(str(c))}</th>" for c in frame.columns) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{escape(_fmt(v))}</td>" for v in row) + "</tr>"
+                  for row in frame.itertuples(index=False)]
+        parts.append("</table>")
+        if frame.attrs.get("protocol"):
+            parts.append(f"<p>All rows: {escape(protocol_line(frame))}.</p>")
+        if frame.attrs.get("paired"):
+            parts.append(f"<p>{escape(PAIRED_NOTE)}</p>")
+    return "\n".join([*parts, "</body></html>", ""])
+
+
 def latex(tables: dict[str, pd.DataFrame]) -> str:
     def escape(text: str) -> str:
         return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
@@ -293,7 +316,7 @@ def sample_mosaic(samples_dir: str | Path, conditional: bool) -> tuple[np.ndarra
     Reads samples.npz (arr_0 images, arr_1 labels) in batches and stops as soon as the rows are full,
     so 50,000 ImageNet samples are never loaded whole.
     """
-    from .metrics.evaluate import npz_images  # the streaming reader of ADM's layout
+    from .metrics.images import npz_images  # the streaming reader of ADM's layout
 
     path = Path(samples_dir) / "samples.npz"
     if not path.is_file():
@@ -436,7 +459,8 @@ def _save(fig, path: Path) -> None:
 
 
 def write_report(runs: list[dict], out_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """tables.md, tables.tex, runs.csv, grids.png, fid_vs_step.png and training.png in out_dir."""
+    """tables.md, tables.tex, tables.html, runs.csv, grids.png, fid_vs_step.png and training.png in
+    out_dir."""
     out_dir = Path(out_dir)
     records = unique_labels([run_record(run) for run in runs])
     if not records:
@@ -450,6 +474,8 @@ def write_report(runs: list[dict], out_dir: str | Path) -> dict[str, pd.DataFram
         tmp.write_text(markdown(tables))
     with atomic_path(out_dir / "tables.tex") as tmp:
         tmp.write_text(latex(tables))
+    with atomic_path(out_dir / "tables.html") as tmp:
+        tmp.write_text(html(tables))
     shown = [r for r in records if r["tables"]] or records
     plot_grids(first_of_groups(shown), out_dir / "grids.png")  # one grid per group
     plot_fid_vs_step(records, out_dir / "fid_vs_step.png")

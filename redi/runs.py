@@ -24,7 +24,8 @@ from .config import validate_config
 from .errors import ConfigError
 
 DEFAULT_RUN = "main"
-# the samplers each objective supports (the first is the paper's, sample.sampler: auto)
+# the samplers each objective supports (the first is the paper's, sample.sampler: auto). Kept here, not in
+# samplers.py: the workflow checks runs while it plans, and importing torch there costs seconds per call.
 SAMPLERS = {"interpolant": ("sde", "ode-euler", "ode-heun"), "ddpm": ("ddpm", "ddim")}
 RUN_SECTIONS = ("train", "sample")
 

@@ -20,7 +20,6 @@ import sys
 import tarfile
 import time
 import zipfile
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -31,8 +30,10 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
+from .checkpoints import SNAPSHOTS, load_checkpoint
 from .code_version import stage_code_version
 from .config import identity
+from .devices import allow_tf32, autocast, barrier, setup_distributed, uses_bf16
 from .diffusion import GaussianDiffusion, LinearInterpolant
 from .encoders import LatentEncoder, load_encoder
 from .errors import ReDiError
@@ -45,11 +46,10 @@ from .io import (
     write_json,
     write_manifest,
 )
-from .models import DiT, build_model
+from .models import DiT, build_model, build_run
 from .progress import progress
 from .runs import SAMPLERS
 from .samplers import PerSampleNoise, ddim_sample, ddpm_sample, ode_sample, sde_sample
-from .train import SNAPSHOTS, build_run, load_checkpoint, setup_distributed
 
 ARCHITECTURE = re.compile(r"^(DiT|SiT)-(S|B|L|XL)/(2|4|8)$")
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -291,7 +291,7 @@ def generate(sm: SamplingModel, indices: list[int], cfg: dict, device: torch.dev
 
     def predict(x, z, t):
         level = 1.0 - t if diffusion is None else t.double() / (diffusion.num_steps - 1)
-        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        with autocast(bf16, device):
             px, pz = guided_prediction(model, x, t, y, z, guidance, sm.num_classes, t_interval=level)
         px = px.float() if sampler == "ddpm" else px[:, : x.shape[1]].float()  # DDPM reads the variance
         return px, None if pz is None else pz.float()
@@ -447,9 +447,8 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
     """
     start, out_dir = time.time(), Path(out_dir)
     rank, world, device = setup_distributed(device, timeout=timedelta(hours=24))  # ranks wait for shards
-    bf16 = device.type == "cuda" and cfg["precision"] in ("bf16", "auto")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    bf16 = uses_bf16(cfg["precision"], device)
+    allow_tf32(device)
     sm = (load_official(checkpoint, cfg["architecture"]) if cfg["architecture"] else load_trained(checkpoint))
     sm.model.to(device)
     if pca is not None and sm.model.fusion != "none":
@@ -470,7 +469,7 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
         provenance["features_sha256"] = sha256_file(features)
     if rank == 0:
         _discard_stale_shards(shards_dir, provenance)
-    _barrier(world)
+    barrier(world)
 
     n, size = cfg["num_samples"], cfg["shard_size"]
     paths = [shards_dir / SHARD_PATTERN.format(k) for k in range(math.ceil(n / size))]
@@ -496,7 +495,7 @@ def sample(cfg: dict, vae_cfg: dict, checkpoint: str, out_dir: str | Path, devic
         write_shard(paths[k], indices, np.concatenate(images), np.concatenate(reps) if reps else None,
                     torch.cat(labels) if labels else None)
     bar.close()
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         return None
     write_adm_npz(out_dir / "samples.npz", paths, n)
@@ -538,11 +537,6 @@ def _discard_stale_shards(shards_dir: Path, provenance: dict) -> None:
             path.unlink()
     shards_dir.mkdir(parents=True, exist_ok=True)
     write_json(record, provenance)
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def run_stage(args: argparse.Namespace, cfg: dict) -> None:

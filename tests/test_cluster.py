@@ -79,9 +79,8 @@ def test_gpu_hours_follow_the_flop_formulas():
     """Training 3 x forward x batch x steps once per training; sampling NFE x forward x samples x branches."""
     from redi.config import validate_config
     from redi.estimate import gpu_hours, grid_costs
-    from redi.models import forward_macs
+    from redi.models import build_run, forward_macs
     from redi.runs import expand_runs
-    from redi.train import build_run
 
     config = validate_config({"dataset": {"name": "x"}, "train": {"model": {"size": "B"}, "steps": 1000},
                               "sample": {"num_samples": 100, "steps": 50},

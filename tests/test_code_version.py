@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import redi
+from redi.cli import _STAGES, runner_module
 from redi.code_version import PLUMBING, code_version, normalised_tree, stage_code_version, stage_modules
 
 PACKAGE = Path(redi.__file__).parent
@@ -38,9 +39,19 @@ def test_train_modules_come_from_its_imports():
 
 
 def test_sample_covers_what_the_old_list_missed():
-    # redi.sample imports runs, train and the samplers; the hand-kept list had only some of them
+    # redi.sample imports runs, the checkpoint helpers and the samplers; the hand-kept list had only some
     modules = stage_modules("redi.sample")
-    assert {"redi.runs", "redi.train", "redi.samplers", "redi.guidance", "redi.encoders.vae"} <= set(modules)
+    needed = {"redi.runs", "redi.checkpoints", "redi.samplers", "redi.guidance", "redi.encoders.vae"}
+    assert needed <= set(modules)
+
+
+def test_no_stage_imports_another_stage():
+    """Shared code lives in its own modules (checkpoints, devices, models, pca, metrics.features), so
+    editing one stage's runner never reruns another stage."""
+    runners = {runner_module(stage) for stage in _STAGES}
+    assert {"redi.train", "redi.sample", "redi.report", "redi.fit_pca", "redi.metrics.convert"} <= runners
+    for runner in runners:
+        assert not (set(stage_modules(runner)) - {runner}) & runners, runner
 
 
 def test_relative_package_and_function_level_imports(tmp_path):

@@ -23,8 +23,9 @@ from redi.features import (
     labels_of,
     project_features,
 )
+from redi.fit_pca import fit_pca_file, iter_token_chunks
 from redi.latents import encode_latents
-from redi.pca import fit_pca, fit_pca_file, iter_token_chunks, load_pca, project
+from redi.pca import fit_pca, load_pca, project
 
 PER_CLASS = 10
 CLASSES = ["apple", "bee", "cat"]

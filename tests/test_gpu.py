@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from redi.config import load_schema, validate_config
+from redi.models import build_run
 from redi.sample import SamplingModel, generate
-from redi.train import build_run
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device (torch sees none)")]
@@ -39,24 +39,50 @@ def batch(n: int, fusion: str, device, seed: int = 0):
     return x.to(device), None if z is None else z.to(device), y.to(device)
 
 
+def train_batch(n: int, fusion: str, seed: int = 0) -> dict:
+    """A batch as TrainingData.next_batch gives it on the GPU (posterior mean/std, z, labels, index)."""
+    x, z, y = batch(n, fusion, "cuda", seed)
+    z = z if z is not None else torch.zeros(n, RANK, SIDE // 2, SIDE // 2, device="cuda")
+    return {"mean": x, "std": 0.05 * torch.ones_like(x), "z": z, "y": y, "index": torch.arange(n)}
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_bf16_training_step_is_finite_and_moves_the_weights(fusion):
-    cfg, model, objective = tiny_run(fusion)
-    model.cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    """redi.train's own step on CUDA: bf16 autocast (precision auto), fused AdamW, flags read later."""
+    from redi.train import TrainStep, new_training
+
+    cfg = validate_config({"dataset": {"name": "gpu"}, "train": {
+        "rank": RANK, "rep_dropout": 0.2, "grad_clip": 1.0,
+        "model": {"size": "S", "patch": 2, "depth": 2, "hidden_size": 64, "num_heads": 2, "fusion": fusion}}})
+    model, ema, opt, objective = new_training(cfg["train"], 10, SIDE, torch.device("cuda"))
+    step = TrainStep(model, ema, opt, objective, cfg["train"], torch.device("cuda"), 0.18215)
+    assert step.bf16 and step.on_device_skip and step.check_every > 1
     trained = [p for p in model.parameters() if p.requires_grad]  # not the fixed sin-cos position table
     before = [p.detach().clone() for p in trained]
-    for _ in range(3):
-        x, z, y = batch(16, fusion, "cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = objective.loss(model, x, z, y)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        assert torch.isfinite(loss) and torch.isfinite(norm), (fusion, loss.item(), norm.item())
-        opt.step()
+    for number in range(1, 4):
+        losses = step(train_batch(16, fusion, seed=number), number)
+    step.check()  # raises NonFiniteStep naming the step if any was not finite
+    assert torch.isfinite(losses["loss"]) and torch.isfinite(losses["grad_norm"])
     moved = sum(not torch.equal(a, p.detach()) for a, p in zip(before, trained, strict=True))
     assert moved == len(before)
+
+
+def test_a_non_finite_batch_is_skipped_on_the_gpu_and_named_at_the_check():
+    from redi.train import NonFiniteStep, TrainStep, new_training
+
+    cfg = validate_config({"dataset": {"name": "gpu"}, "train": {
+        "rank": RANK, "model": {"size": "S", "patch": 2, "depth": 2, "hidden_size": 64, "num_heads": 2}}})
+    model, ema, opt, objective = new_training(cfg["train"], 10, SIDE, torch.device("cuda"))
+    step = TrainStep(model, ema, opt, objective, cfg["train"], torch.device("cuda"), 0.18215)
+    step(train_batch(8, "merged", seed=1), 1)
+    before = [p.detach().clone() for p in model.parameters()] + [p.clone() for p in ema.parameters()]
+    bad = train_batch(8, "merged", seed=2)
+    bad["mean"][0, 0, 0, 0] = float("nan")
+    step(bad, 2)
+    after = [p.detach() for p in model.parameters()] + list(ema.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    with pytest.raises(NonFiniteStep, match="at step 2,"):
+        step.check()
 
 
 @pytest.mark.parametrize("fusion", ["none", "merged"])

@@ -99,15 +99,9 @@ from PIL import Image  # noqa: E402
 from redi.cli import main as redi_main  # noqa: E402
 from redi.io import sha256_file, write_npz  # noqa: E402
 from redi.metrics import reference  # noqa: E402
-from redi.metrics.evaluate import (  # noqa: E402
-    FeatureSet,
-    evaluate,
-    extract,
-    image_source,
-    load_inception,
-    npz_images,
-    read_reference,
-)
+from redi.metrics.evaluate import evaluate  # noqa: E402
+from redi.metrics.features import FeatureSet, extract, load_inception, read_reference  # noqa: E402
+from redi.metrics.images import image_source, npz_images  # noqa: E402
 from redi.metrics.inception import InceptionFeatures, torch_fidelity_name  # noqa: E402
 from redi.metrics.reference import ReferenceAccumulator, pr_subset, reference_stats  # noqa: E402
 

@@ -134,7 +134,7 @@ def test_the_report_names_trainings_and_lays_out_grids(tmp_path):
                 "Inception"}
     assert protocol <= set(header)
     assert "0123456789ab (100 img)" in csv[1] and "sha256:feedfeedfeed" in csv[1]
-    for name in ("grids.png", "fid_vs_step.png", "training.png", "tables.md", "tables.tex"):
+    for name in ("grids.png", "fid_vs_step.png", "training.png", "tables.md", "tables.tex", "tables.html"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     conditional, classes = sample_mosaic(tmp_path / "samples" / "base", conditional=True)
     plain, none = sample_mosaic(tmp_path / "samples" / "ub", conditional=False)
@@ -193,3 +193,44 @@ def test_the_report_keeps_one_csv_row_per_run_and_one_table_row_per_group(tmp_pa
     assert list(tables["runs"]["n"]) == [4, 4]
     # redi - base per pair (t, s): -10, -11, -8, -9 -> mean -9.5, std sqrt(5/3), 2 SE = 1.29: marked
     assert f"| -9.50 ± {(5 / 3) ** 0.5:.2f} * |" in md
+
+
+def test_the_html_tables_hold_the_markdown_tables_cells(tmp_path):
+    """tables.html (what the Snakemake report shows inline) has the same tables, cells and notes as
+    tables.md, escaped."""
+    from html.parser import HTMLParser
+
+    runs = [_write_run(tmp_path, name, name, False, "runs", fid, seed=0)
+            for name, fid in (("base", 101.5), ("redi<&>", 90.25))]
+    write_report(runs, tmp_path / "report")
+    md = (tmp_path / "report" / "tables.md").read_text()
+    md_rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+               if line.startswith("|") and "---" not in line]
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.rows[-1].append(self.cell)
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    page = (tmp_path / "report" / "tables.html").read_text()
+    parser = Cells()
+    parser.feed(page)
+    assert parser.rows == md_rows and any("redi<&>" in row for row in parser.rows)
+    assert "redi&lt;&amp;&gt;" in page  # escaped in the source
+    notes = [line for line in md.splitlines() if line.startswith("All rows:")]
+    assert notes and all(note.replace("&", "&amp;") in page for note in notes)

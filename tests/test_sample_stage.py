@@ -17,7 +17,7 @@ from redi.code_version import stage_code_version
 from redi.config import validate_config
 from redi.encoders import load_encoder
 from redi.errors import ReDiError
-from redi.models import build_model
+from redi.models import build_model, build_run
 from redi.sample import (
     decode,
     generate,
@@ -32,7 +32,6 @@ from redi.sample import (
     write_adm_npz,
     write_shard,
 )
-from redi.train import build_run
 
 NUM_CLASSES = 5
 

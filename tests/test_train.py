@@ -28,12 +28,22 @@ import torch
 from torch import nn
 
 from redi import cli
+from redi.checkpoints import snapshot_path
 from redi.code_version import stage_code_version
 from redi.config import validate_config
 from redi.data.training_data import TrainingData
 from redi.errors import ReDiError
+from redi.models import build_run
 from redi.sample import load_trained
-from redi.train import build_run, parse_time_left, slurm_deadline, snapshot_path, train, update_ema
+from redi.train import (
+    NonFiniteStep,
+    TrainStep,
+    new_training,
+    parse_time_left,
+    slurm_deadline,
+    train,
+    update_ema,
+)
 
 N_SAMPLES, N_CLASSES, PCA_CHANNELS = 32, 4, 8
 CKPT_KEYS = {"model", "ema", "opt", "step", "rng", "data", "config"}
@@ -771,3 +781,50 @@ def test_data_order_and_noise_use_different_streams():
     seeds = {stream_seed(0, rank, purpose) for rank in (0, 1) for purpose in ("data", "noise")}
     assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
     assert stream_seed(0, 0, "data") == stream_seed(0, 0, "data")
+
+
+def test_fused_step_skips_a_bad_update_on_the_device_and_names_its_step_later(tmp_path):
+    """The CUDA path (fused AdamW, run here on CPU): no per-step host read; the bad step's update is
+    skipped by the optimizer and the EMA themselves, and the deferred check names the exact step."""
+    latents, features = write_inputs(tmp_path)
+    cfg = train_cfg()
+    data = TrainingData(latents, features, cfg["rank"], seed=cfg["seed"])
+    model, ema, opt, objective = new_training(cfg, N_CLASSES, 8, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
+    step = TrainStep(model, ema, opt, objective, cfg, torch.device("cpu"), data.scaling_factor, check_every=4)
+    assert step.on_device_skip
+
+    def weights():
+        return [p.detach().clone() for p in model.parameters()], [p.clone() for p in ema.parameters()]
+
+    step(data.next_batch(8), 1)
+    before, ema_before = weights()
+    bad = data.next_batch(8)
+    bad["mean"][0, 0, 0, 0] = float("nan")
+    step(bad, 2)  # no error yet: nothing is read back
+    after, ema_after = weights()
+    assert all(torch.equal(a, b) for a, b in zip(before + ema_before, after + ema_after, strict=True))
+    assert {int(s["step"]) for s in opt.state.values()} == {1}  # AdamW's own count did not move either
+    step(data.next_batch(8), 3)
+    assert not all(torch.equal(a, b) for a, b in zip(after, weights()[0], strict=True))  # good steps update
+    with pytest.raises(NonFiniteStep, match=r"non-finite loss \(nan\).* at step 2, batch samples \["):
+        step(data.next_batch(8), 4)  # the 4th pending step triggers the read
+    assert step.pending == []
+
+
+def test_the_gradient_norm_is_logged_and_clipping_scales_to_it(tmp_path):
+    """grad_norm is the L2 norm of all gradients (numpy reference); grad_clip scales them to the limit."""
+    latents, features = write_inputs(tmp_path)
+    for clip in (0.0, 1e-3):
+        cfg = train_cfg(grad_clip=clip)
+        data = TrainingData(latents, features, cfg["rank"], seed=cfg["seed"])
+        model, ema, opt, objective = new_training(cfg, N_CLASSES, 8, torch.device("cpu"))
+        opt.step = lambda: None  # keep the gradients as the step leaves them
+        step = TrainStep(model, ema, opt, objective, cfg, torch.device("cpu"), data.scaling_factor)
+        norm = float(step(data.next_batch(8), 1)["grad_norm"])
+        grads = np.concatenate([p.grad.numpy().ravel() for p in model.parameters() if p.grad is not None])
+        left = float(np.linalg.norm(grads.astype(np.float64)))
+        if clip:  # scaled by clip / (norm + 1e-6), as torch.nn.utils.clip_grad_norm_
+            assert norm > clip and left == pytest.approx(clip * norm / (norm + 1e-6), rel=1e-4)
+        else:
+            assert left == pytest.approx(norm, rel=1e-5)

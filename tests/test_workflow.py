@@ -141,8 +141,10 @@ def test_the_html_report_bundles_the_figures_with_captions(workflow_run, tmp_pat
     html = tmp_path / "report.html"
     snakemake(workflow_run, REPO / "config" / "ci.yaml", "--report", str(html))
     text = html.read_text()
-    for figure in ("tables.md", "grids.png", "fid_vs_step.png", "training.png"):
+    for figure in ("tables.html", "grids.png", "fid_vs_step.png", "training.png"):
         assert figure in text
+    for label in ("results tables", "sample grids", "FID vs training step", "training curves"):
+        assert label in text  # the report lists results by name, not by versioned path
     assert "FID against training step" in text and "Training losses, one line per training" in text
 
 

@@ -31,7 +31,7 @@ class TrainingData:
         self,
         latents_path: str | os.PathLike,
         features_path: str | os.PathLike,
-        rank: int,
+        pca_rank: int,
         normalize_z: bool = False,
         flip: bool = True,
         seed: int = 0,
@@ -43,8 +43,8 @@ class TrainingData:
             n, n_features = len(lat["labels"]), len(feat["labels"])
             if n_features != n:
                 raise ReDiError(f"{latents_path} has {n} samples but {features_path} has {n_features}")
-            if feat["z"].shape[1] < rank:
-                raise ReDiError(f"train.rank = {rank} exceeds the {feat['z'].shape[1]} PCA channels of "
+            if feat["z"].shape[1] < pca_rank:
+                raise ReDiError(f"train.rank = {pca_rank} exceeds the {feat['z'].shape[1]} PCA channels of "
                                 f"{features_path} (raise pca.rank_max)")
             if flip and not ("mean_flip" in lat and "std_flip" in lat and "z_flip" in feat):
                 raise ReDiError("train.flip needs flipped latents and features (latents.flip: true)")
@@ -55,13 +55,13 @@ class TrainingData:
             views = ["", "_flip"] if flip else [""]
             self.mean = torch.stack([torch.from_numpy(lat["mean" + v][lo:hi]) for v in views])
             self.std = torch.stack([torch.from_numpy(lat["std" + v][lo:hi]) for v in views])
-            self.z = torch.stack([torch.from_numpy(feat["z" + v][lo:hi, :rank]) for v in views])
+            self.z = torch.stack([torch.from_numpy(feat["z" + v][lo:hi, :pca_rank]) for v in views])
             self.scaling_factor = float(lat.attrs["scaling_factor"])
-            component_std = np.asarray(feat["component_std"][:rank], dtype=np.float32)
-            z_scale = component_std if normalize_z else np.ones(rank, dtype=np.float32)
+            component_std = np.asarray(feat["component_std"][:pca_rank], dtype=np.float32)
+            z_scale = component_std if normalize_z else np.ones(pca_rank, dtype=np.float32)
             # the dataset's class count (a subset may lack the last classes); older files: max + 1
             self.num_classes = int(lat.attrs.get("num_classes", lat["labels"][:].max() + 1))
-        self.z_scale = torch.from_numpy(np.asarray(z_scale, dtype=np.float32)).view(1, rank, 1, 1)
+        self.z_scale = torch.from_numpy(np.asarray(z_scale, dtype=np.float32)).view(1, pca_rank, 1, 1)
         self.z_std = torch.from_numpy(component_std / z_scale)  # per-channel std of z as the model sees it
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.num_views, self.size = len(views), hi - lo
@@ -69,8 +69,13 @@ class TrainingData:
         self.generator = torch.Generator().manual_seed(stream_seed(seed, process_rank, "data"))
         self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
 
-    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """The next `batch_size` samples of the shuffled order (reshuffled each epoch), a random view each."""
+    def next_batch(self, batch_size: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The next `batch_size` samples of the shuffled order (reshuffled each epoch), a random view each,
+        as float32 on `device` (default CPU; index stays on the CPU).
+
+        On CUDA the rows travel in their stored dtype (float16 at scale: half the bytes) from pinned
+        memory without blocking the host, and become float32 (z divided by its scale) on the GPU.
+        """
         if self.position + batch_size > self.size:
             self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
             if batch_size > self.size:
@@ -78,13 +83,19 @@ class TrainingData:
         idx = self.order[self.position : self.position + batch_size]
         self.position += batch_size
         view = torch.randint(0, self.num_views, (batch_size,), generator=self.generator)
-        return {
-            "index": idx + self.first_index,
-            "mean": self.mean[view, idx].float(),
-            "std": self.std[view, idx].float(),
-            "z": self.z[view, idx].float() / self.z_scale,
-            "y": self.labels[idx],
-        }
+        rows = {"mean": self.mean[view, idx], "std": self.std[view, idx], "z": self.z[view, idx],
+                "y": self.labels[idx]}
+        if device is not None and device.type == "cuda":
+            rows = {k: v.pin_memory().to(device, non_blocking=True) for k, v in rows.items()}
+        z_scale = self.z_scale if device is None else self._z_scale_on(device)
+        return {"index": idx + self.first_index, "mean": rows["mean"].float(), "std": rows["std"].float(),
+                "z": rows["z"].float() / z_scale, "y": rows["y"]}
+
+    def _z_scale_on(self, device: torch.device) -> torch.Tensor:
+        """z_scale on `device`, copied once."""
+        if self.z_scale.device != device:
+            self.z_scale = self.z_scale.to(device)
+        return self.z_scale
 
     def state_dict(self) -> dict:
         """The sampler's position, for checkpoints."""

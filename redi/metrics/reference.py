@@ -23,7 +23,8 @@ from ..errors import ReDiError
 from ..io import fingerprint, write_manifest, write_npz
 from ..pca import MomentAccumulator
 from .dinov2 import load_dinov2
-from .evaluate import STAT_NAMES, FeatureSet, fp32_device, image_source, load_inception, read_reference
+from .features import STAT_NAMES, FeatureSet, fp32_device, load_inception, read_reference
+from .images import image_source
 
 PR_FEATURE = "pool"  # precision/recall use Inception pool3
 

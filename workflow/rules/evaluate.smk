@@ -76,10 +76,12 @@ rule report:
     input:
         metrics=all_metrics(),
     output:
-        table=report(
-            f"{stage_dir('report')}/tables.md",
+        table=f"{stage_dir('report')}/tables.md",
+        html=report(
+            f"{stage_dir('report')}/tables.html",
             caption="../report/tables.rst",
             category="Results",
+            labels={"result": "results tables"},
         ),
         csv=f"{stage_dir('report')}/runs.csv",
         latex=f"{stage_dir('report')}/tables.tex",
@@ -87,16 +89,19 @@ rule report:
             f"{stage_dir('report')}/grids.png",
             caption="../report/grids.rst",
             category="Samples",
+            labels={"result": "sample grids"},
         ),
         fid_steps=report(
             f"{stage_dir('report')}/fid_vs_step.png",
             caption="../report/fid_vs_step.rst",
             category="Results",
+            labels={"result": "FID vs training step"},
         ),
         curves=report(
             f"{stage_dir('report')}/training.png",
             caption="../report/training.rst",
             category="Training",
+            labels={"result": "training curves"},
         ),
     log:
         log_file("report"),
