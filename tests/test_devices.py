@@ -101,3 +101,11 @@ def test_an_index_beyond_the_visible_devices_is_an_error(no_request):
 def test_cpu_is_always_allowed(no_request):
     no_request.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert devices.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_one_precision_rule_for_train_and_sample():
+    from redi.devices import uses_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [uses_bf16(p, cpu) for p in ("auto", "fp32", "bf16")] == [False, False, True]
+    assert [uses_bf16(p, cuda) for p in ("auto", "fp32", "bf16")] == [True, False, True]
