@@ -12,13 +12,12 @@ wildcard_constraints:
     sversion="[0-9a-f]{8}",
 
 
-include: "workflow/rules/fetch.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/features.smk"
-include: "workflow/rules/train.smk"
-include: "workflow/rules/sample.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/targets.smk"
+# Every other rule file, in name order (a new stage's rule file needs no line here; rules refer to
+# other files' outputs through stage_dir, never through rules.<name>).
+for rule_file in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+    if rule_file.name != "common.smk":
+
+        include: rule_file
 
 
 # The default target stays here: Snakemake ignores default targets set inside included files.

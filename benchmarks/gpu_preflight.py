@@ -100,17 +100,14 @@ def check_roots(script: Path) -> tuple[list[Path], list[str]]:
 
 
 def stage_runner(stage: str) -> str:
-    """Module of a `redi <stage>` runner, read from redi/cli.py's _STAGES table (not imported)."""
-    tree = ast.parse((REPO / "redi" / "cli.py").read_text())
+    """Module of a `redi <stage>` runner, read from redi/stages.py's Stage entries (not imported)."""
+    tree = ast.parse((REPO / "redi" / "stages.py").read_text())
     for node in ast.walk(tree):
-        if isinstance(node, ast.AnnAssign | ast.Assign):
-            targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
-            if any(isinstance(t, ast.Name) and t.id == "_STAGES" for t in targets):
-                table = ast.literal_eval(node.value)
-                if stage not in table:
-                    raise SystemExit(f"preflight: gpu_check.sh runs unknown stage `redi {stage}`")
-                return table[stage][2].split(":")[0]
-    raise SystemExit("preflight: no _STAGES table in redi/cli.py")
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Stage" and len(node.args) >= 4:
+            name, runner = node.args[0], node.args[3]  # Stage(name, help, paths, runner, ...)
+            if isinstance(name, ast.Constant) and name.value == stage:
+                return ast.literal_eval(runner).split(":")[0]
+    raise SystemExit(f"preflight: gpu_check.sh runs unknown stage `redi {stage}` (not in redi/stages.py)")
 
 
 def module_file(name: str, base: Path) -> Path | None:

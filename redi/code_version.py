@@ -15,13 +15,15 @@ from pathlib import Path
 PACKAGE = "redi"
 ROOT = Path(__file__).resolve().parent  # the redi/ folder
 
-# Plumbing left out of every stage's code version, and not followed: the CLI (flag parsing, the
-# stage table), config validation and defaults, atomic writes and manifests, the error classes and
-# the package's own __init__ (its version string), and progress reporting. They move values and bytes,
-# not maths: what they pass a stage is its flags, which are hashed as config (so a changed default
-# still reruns), while including them would rerun days of ImageNet encoding for a new option, a
-# reworded message or a progress line.
-PLUMBING = frozenset({"redi", "redi.cli", "redi.config", "redi.io", "redi.errors", "redi.progress"})
+# Plumbing left out of every stage's code version, and not followed: the CLI (flag parsing), the
+# stage registry (its upstream stages and extra values enter versions as inputs and config), this
+# module (what it computes is the version itself), config validation and defaults, atomic writes and
+# manifests, the error classes and the package's own __init__ (its version string), and progress
+# reporting. They move values and bytes, not maths: what they pass a stage is its flags, which are
+# hashed as config (so a changed default still reruns), while including them would rerun days of
+# ImageNet encoding for a new option, a reworded message or a progress line.
+PLUMBING = frozenset({"redi", "redi.cli", "redi.stages", "redi.code_version", "redi.config", "redi.io",
+                      "redi.errors", "redi.progress"})
 
 
 def _source_file(module: str, root: Path = ROOT) -> Path | None:
@@ -116,7 +118,7 @@ def code_version(runner: str, root: Path = ROOT) -> str:
 
 
 def stage_code_version(stage: str, root: Path = ROOT) -> str:
-    """The code version of a `redi <stage>` (its runner is the module named in the CLI's stage table)."""
-    from .cli import runner_module
+    """The code version of a `redi <stage>` (its runner is the module named in the stage registry)."""
+    from .stages import runner_module
 
     return code_version(runner_module(stage), root)

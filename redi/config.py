@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,7 @@ def _boolean(text: str) -> bool:
     return value in ("true", "yes", "1")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, keys: dict[str, list[str] | None]) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, keys: Mapping[str, Sequence[str] | None]) -> None:
     """Add one flag per key of the given sections (None = whole section); defaults are the schema's."""
     schema = load_schema()["properties"]
     group = parser.add_argument_group("config keys (defaults: --configfile, else the schema)")
@@ -271,14 +272,39 @@ def config_from_args(args: argparse.Namespace, sections: list[str]) -> dict:
     return validate_config(config, source="command line", cross_checks=given)
 
 
+def config_flags(sections: dict[str, dict]) -> list[str]:
+    """The command-line arguments that give a stage these config values: config_from_args inverted.
+
+    `sections` is {section: {key: value}} (a stage's slice of a config); nested keys flatten as in
+    flag_name, booleans become --key / --no-key, None becomes `none`, lists one value per argument.
+    Sorted, so the order of keys in a YAML file never changes a command line.
+    """
+    return [arg for _, values in sorted(sections.items()) for arg in _flags(values)]
+
+
+def _flags(values: dict, prefix: tuple[str, ...] = ()) -> list[str]:
+    out: list[str] = []
+    for key, value in sorted(values.items()):
+        path = (*prefix, key)
+        if isinstance(value, dict):
+            out += _flags(value, path)
+        elif isinstance(value, bool):
+            out.append(flag_name(path) if value else f"--no-{flag_name(path)[2:]}")
+        elif isinstance(value, list):
+            out += [flag_name(path), *(str(v) for v in value)]
+        else:
+            out += [flag_name(path), "none" if value is None else str(value)]
+    return out
+
+
 def key_table(
-    stage_keys: dict[str, dict[str, list[str] | None]],
-    resource_keys: dict[str, set[str]],
+    stage_keys: Mapping[str, Mapping[str, Sequence[str] | None]],
+    resource_keys: Mapping[str, frozenset[str] | set[str]],
     readers_of: dict[str, str],
 ) -> str:
     """A Markdown table of every config key: type, default, meaning and the stages it reruns.
 
-    `readers_of` gives the entry for keys outside STAGE_KEYS (paths, device, dataset root).
+    `readers_of` gives the entry for keys no stage reads as a flag (paths, device, dataset root).
     """
     defaults = validate_config({"dataset": {"name": "NAME"}})
     rows = ["| key | type | default | read by (reruns on change) | meaning |",

@@ -34,7 +34,6 @@ from .checkpoints import (
     set_aside_other_code,
     snapshot_path,
 )
-from .cli import RESOURCE_KEYS
 from .code_version import stage_code_version
 from .config import load_baseline
 from .data.training_data import TrainingData, stream_seed
@@ -43,6 +42,7 @@ from .errors import ReDiError
 from .io import atomic_path, write_manifest
 from .models import build_run
 from .progress import progress
+from .stages import STAGES
 
 # On CUDA the host reads the non-finite flag every this many steps (the update of a bad step is
 # skipped on the device meanwhile); reading it every step would stall the host behind the GPU.
@@ -429,7 +429,7 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     the checkpoint resumes when the key keeps the old behaviour.
     """
     baseline = load_baseline()
-    free = {"steps", *RESOURCE_KEYS["train"]}
+    free = {"steps", *STAGES["train"].speed["train"]}
     changed = []
     for key in sorted(set(old) | set(new)):
         if not prefix and key in free:

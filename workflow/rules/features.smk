@@ -3,8 +3,7 @@
 
 rule extract_features:
     input:
-        shards=manifest("shard"),
-        standins=standin_input("features"),
+        **upstream_manifests("extract-features"),
     output:
         features=f"{stage_dir('extract-features')}/features.h5",
         manifest=manifest("extract-features"),
@@ -24,7 +23,7 @@ rule extract_features:
         env=gpu_env("extract_features"),
         flags=encoder_flags("extract-features", "features"),
     shell:
-        "{params.env} redi extract-features --shards {input.shards:q} --out {output.features:q} {params.flags}"
+        "{params.env} redi extract-features --shards {input.shard:q} --out {output.features:q} {params.flags}"
         " {resources.speed}"
         " --device {resources.device:q} > {log:q} 2>&1"
 

@@ -7,8 +7,8 @@ rule train:
             checked(
                 "train",
                 lambda w: {
-                    "latents": rules.encode_latents.output.latents,
-                    "features": rules.project_features.output.features,
+                    "latents": f"{stage_dir('encode-latents')}/latents.h5",
+                    "features": f"{stage_dir('project-features')}/pca_features.h5",
                 },
             )
         ),
