@@ -96,7 +96,7 @@ def extract_features(
     store.finish()
     elapsed = time.time() - start
     return write_manifest(
-        Path(out_path).with_name("manifest.json"), "extract_features", config or {},
+        Path(out_path).with_name("manifest.json"), "extract-features", config or {},
         inputs={"shards": shard_manifest}, num_images=len(sample), grid=encoder.grid[0],
         dim=encoder.dim, dtype=dtype, wall_time_s=round(elapsed, 2),
         images_per_s=round((len(sample) - done_before) / max(elapsed, 1e-9), 2),
@@ -153,7 +153,7 @@ def project_features(
     store.finish(component_std=np.sqrt(pca["explained_variance"][:rank_max]),
                  explained_variance_ratio=pca["explained_variance_ratio"][:rank_max])
     return write_manifest(
-        Path(out_path).with_name("manifest.json"), "project_features", config or {},
+        Path(out_path).with_name("manifest.json"), "project-features", config or {},
         inputs={"shards": shard_manifest, **(inputs or {})}, num_samples=n, rank_max=rank_max,
         grid=gh, flip=flip,
         dtype=dtype, wall_time_s=round(time.time() - start, 2),

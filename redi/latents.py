@@ -57,7 +57,7 @@ def encode_latents(
             bar.update(len(idx))
     store.finish()
     return write_manifest(
-        Path(out_path).with_name("manifest.json"), "encode_latents", config or {},
+        Path(out_path).with_name("manifest.json"), "encode-latents", config or {},
         inputs={"shards": shard_manifest}, num_samples=n, latent_shape=list(latent),
         scaling_factor=encoder.scaling_factor, flip=flip, dtype=dtype,
         wall_time_s=round(time.time() - start, 2),

