@@ -5,7 +5,7 @@
 include: "workflow/rules/common.smk"
 
 
-# Run names of the grid, and the 8-hex version folders (see version() in common.smk).
+# Run names of the grid, and the 8-hex version folders (redi/stages.py: Plan.version).
 wildcard_constraints:
     run="|".join(re.escape(name) for name in RUNS),
     version="[0-9a-f]{8}",

@@ -234,19 +234,8 @@ def test_stage_config_returns_a_copy():
 
 
 def stage_argv(stage: str) -> list[str]:
-    paths = {"demo-data": ["--out"], "shard": ["--input", "--out"],
-             "train-standin-vae": ["--shards", "--out"], "train-standin-vit": ["--shards", "--out"],
-             "encode-latents": ["--shards", "--out"], "extract-features": ["--shards", "--out"],
-             "fit-pca": ["--features", "--out"], "convert-pca": ["--official", "--out"],
-             "fetch": ["--source", "--out"],
-             "project-features": ["--shards", "--pca", "--out"],
-             "train": ["--latents", "--features", "--out"], "sample": ["--checkpoint", "--out"],
-             "convert-inception": ["--out"], "reference-stats": ["--source", "--out"],
-             "evaluate": ["--reference", "--samples", "--out"], "report": ["--runs", "--out"]}
-    argv = [stage]
-    for flag in paths[stage]:
-        argv += [flag, "x"]
-    return argv
+    """`<stage>` and its required path flags (from the registry), each given the path x."""
+    return [stage, *(arg for path in STAGES[stage].paths if path.required for arg in (path.flag, "x"))]
 
 
 # --- a real run: demo-data then shard ------------------------------------------------------------

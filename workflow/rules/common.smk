@@ -70,6 +70,7 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 # Versions, result folders and upstream stages of this config's stages (redi/stages.py).
 PLAN = registry.Plan(config, RUNS)
+
 # With --use-conda all rules run in workflow/envs/redi.yaml (Python + this repository's package,
 # installed from REDI_REPO); the path is relative to the rule files.
 CONDA_ENV = "../envs/redi.yaml"
