@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import redi
-from redi.cli import _STAGES, runner_module
 from redi.code_version import PLUMBING, code_version, normalised_tree, stage_code_version, stage_modules
+from redi.stages import STAGES, runner_module
 
 PACKAGE = Path(redi.__file__).parent
 
@@ -48,7 +48,7 @@ def test_sample_covers_what_the_old_list_missed():
 def test_no_stage_imports_another_stage():
     """Shared code lives in its own modules (checkpoints, devices, models, pca, metrics.features), so
     editing one stage's runner never reruns another stage."""
-    runners = {runner_module(stage) for stage in _STAGES}
+    runners = {runner_module(stage) for stage in STAGES}
     assert {"redi.train", "redi.sample", "redi.report", "redi.fit_pca", "redi.metrics.convert"} <= runners
     for runner in runners:
         assert not (set(stage_modules(runner)) - {runner}) & runners, runner
