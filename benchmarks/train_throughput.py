@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import shutil
 import statistics
@@ -41,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--loader", action="store_true", help="part 1: loader throughput (neither flag: both)")
     p.add_argument("--model", action="store_true", help="part 2: training-step throughput")
+    p.add_argument("--grad-norm", action="store_true",
+                   help="part 3: the step's gradient-norm work before (clip_grad_norm_ with no limit: norm + "
+                   "a rescale by 1.0) and now (the norm alone when train.grad_clip is 0), interleaved")
     g = p.add_argument_group("loader")
     g.add_argument("--samples", type=int, default=20_000, help="synthetic samples N in the HDF5 pair")
     g.add_argument("--rank-max", type=int, default=8, help="PCA channels stored in pca_features.h5")
@@ -79,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of data, weights and noise")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
-    if not (args.loader or args.model):
+    if not (args.loader or args.model or args.grad_norm):
         args.loader = args.model = True
     args.fusions = [f.strip() for f in args.fusion.split(",") if f.strip()]
     from redi.config import load_schema
@@ -524,6 +528,39 @@ def print_model(r: dict, s: dict, m: dict) -> None:
               "resident; resid MiB = allocated before the step")
 
 
+def bench_grad_norm(args) -> dict:
+    """The lean step's CPU-visible change, alone: the gradients of one real step of the --size model,
+    then clip_grad_norm_(inf) (the old step: the norm, then every gradient multiplied by 1.0) against
+    get_total_norm (the step now, without clipping), alternated --steps times each."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variant = build_variant(args.fusions[0], args, torch.device("cpu"))
+    model, step = variant["model"], variant["step"]
+    s, grid, b = args.input_size, args.input_size // args.patch, args.batch
+    g = torch.Generator().manual_seed(args.seed)
+    batch = {"mean": torch.randn(b, 4, s, s, generator=g), "std": torch.full((b, 4, s, s), 0.05),
+             "z": torch.randn(b, args.rep_channels, grid, grid, generator=g),
+             "y": torch.randint(0, 1000, (b,), generator=g), "index": torch.arange(b)}
+    step.opt.step = lambda: None  # keep the gradients: only the norm work is timed below
+    step(batch, 1)
+    params = list(model.parameters())
+    times: dict[str, list[float]] = {"clip_grad_norm_(inf)": [], "get_total_norm": []}
+    for i in range(2 * args.steps):
+        name = list(times)[i % 2]
+        start = time.perf_counter()
+        if i % 2 == 0:
+            torch.nn.utils.clip_grad_norm_(params, math.inf)
+        else:
+            torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
+        times[name].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    old, new = medians["clip_grad_norm_(inf)"], medians["get_total_norm"]
+    return {"size": args.size, "params": variant["params"], "median_s": medians,
+            "ratio_new_over_old": new / old, "saved_ms": 1e3 * (old - new), "repeats": args.steps}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -535,6 +572,13 @@ def main(argv=None) -> int:
         result["loader"] = bench_loader(args)
         print_loader(result["loader"])
         failed |= not result["loader"]["pass"]
+    if args.grad_norm:
+        result["grad_norm"] = r = bench_grad_norm(args)
+        ms = {k: 1e3 * v for k, v in r["median_s"].items()}
+        print(f"\ngradient-norm work of DiT-{r['size']}/{args.patch} ({r['params']:,} parameters), median of "
+              f"{r['repeats']} alternated repeats: clip_grad_norm_(inf) {ms['clip_grad_norm_(inf)']:.1f} ms "
+              f"(before), get_total_norm {ms['get_total_norm']:.1f} ms (now): ratio "
+              f"{r['ratio_new_over_old']:.3f}, {r['saved_ms']:.1f} ms saved per step")
     if args.model:
         if args.threads:
             torch.set_num_threads(args.threads)

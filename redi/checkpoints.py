@@ -13,8 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from .errors import ReDiError
 from .io import save_torch
 
@@ -55,6 +53,8 @@ def save_sampling_weights(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint, tensors on CPU (weights_only: no code runs on load); ReDiError if unreadable."""
+    import torch  # here: the workflow imports this module to name files while it plans, without torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or objects weights_only refuses

@@ -416,6 +416,38 @@ def plot_fid_vs_step(records: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def fid_rows(records: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """{table: {row label: FIDs of the row's runs}}: what fid_by_run.png draws (a row = a seed group)."""
+    tables: dict[str, dict[str, list[dict]]] = {}
+    for r in records:
+        for table in r["tables"] or ["runs"]:
+            tables.setdefault(table, {}).setdefault(r.get("group") or r["name"], []).append(r)
+    return {table: {members[0]["run"]: [float(m["FID"]) for m in members if m.get("FID") is not None]
+                    for members in rows.values()} for table, rows in tables.items()}
+
+
+def plot_fid_spread(records: list[dict], path: Path) -> None:
+    """Each table's rows on one axis: every run's FID as a dot (a row's seed pairs side by side) and,
+    for rows of several runs, mean ± sample std as a bar, so a difference can be set against the
+    spread at a glance."""
+    tables = fid_rows(records)
+    height = sum(0.9 + 0.4 * len(rows) for rows in tables.values())
+    fig, axes = plt.subplots(len(tables), 1, figsize=(7, height), layout="constrained", squeeze=False)
+    for ax, (table, rows) in zip(axes[:, 0], tables.items(), strict=True):
+        for y, fids in enumerate(rows.values()):
+            offsets = np.linspace(-0.15, 0.15, len(fids)) if len(fids) > 1 else np.zeros(len(fids))
+            ax.plot(fids, y + offsets, "o", ms=4, color="tab:blue", alpha=0.7)
+            if len(fids) > 1:
+                ax.errorbar([np.mean(fids)], [y], xerr=[np.std(fids, ddof=1)], fmt="|", ms=14, capsize=4,
+                            color="black")
+        ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_xlabel("FID")
+        ax.set_title(f"{table}: FID of every run (dots); mean ± std over a row's seeds (black)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+
+
 def training_labels(records: list[dict]) -> dict[str, str]:
     """train_dir -> the label of the run that trains there (sampling variants share its line)."""
     labels = {r["name"]: r["run"] for r in records}
@@ -459,8 +491,8 @@ def _save(fig, path: Path) -> None:
 
 
 def write_report(runs: list[dict], out_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """tables.md, tables.tex, tables.html, runs.csv, grids.png, fid_vs_step.png and training.png in
-    out_dir."""
+    """tables.md, tables.tex, tables.html, runs.csv, grids.png, fid_vs_step.png, fid_by_run.png and
+    training.png in out_dir."""
     out_dir = Path(out_dir)
     records = unique_labels([run_record(run) for run in runs])
     if not records:
@@ -479,6 +511,7 @@ def write_report(runs: list[dict], out_dir: str | Path) -> dict[str, pd.DataFram
     shown = [r for r in records if r["tables"]] or records
     plot_grids(first_of_groups(shown), out_dir / "grids.png")  # one grid per group
     plot_fid_vs_step(records, out_dir / "fid_vs_step.png")
+    plot_fid_spread(records, out_dir / "fid_by_run.png")
     plot_training(records, out_dir / "training.png")
     return tables
 

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoints import (
+    FINAL,
     latest_checkpoint,
     resume_checkpoint,
     save_checkpoint,
@@ -365,7 +366,7 @@ def train(cfg: dict, latents: str, features: str, out_dir: str | os.PathLike, de
     checksums = _replica_checksums(run.model, world, device)
     if not lead:
         return None
-    save_sampling_weights(out_dir / "final.pt", sampling_state(run, cfg) | {"model": run.model.state_dict()})
+    save_sampling_weights(out_dir / FINAL, sampling_state(run, cfg) | {"model": run.model.state_dict()})
     return write_manifest(
         out_dir / "manifest.json", "train", {"train": cfg},
         inputs={"latents": Path(latents).with_name("manifest.json"),

@@ -58,8 +58,8 @@ EOF
 python - "$WORK/report.html" <<'EOF'
 import sys
 html = open(sys.argv[1], encoding="utf-8").read()
-missing = [n for n in ("tables.html", "fid_vs_step.png", "grids.png", "training.png") if n not in html]
-print("report.html embeds tables.html, fid_vs_step.png, grids.png, training.png" if not missing
+missing = [n for n in ("tables.html", "fid_vs_step.png", "fid_by_run.png", "grids.png", "training.png") if n not in html]
+print("report.html embeds tables.html, fid_vs_step.png, fid_by_run.png, grids.png, training.png" if not missing
       else f"report.html lacks {', '.join(missing)}")
 sys.exit(1 if missing else 0)
 EOF

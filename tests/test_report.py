@@ -8,6 +8,7 @@ import pytest
 from redi.errors import ReDiError
 from redi.report import (
     fid_curves,
+    fid_rows,
     sample_mosaic,
     table_frames,
     training_labels,
@@ -188,6 +189,7 @@ def test_the_report_keeps_one_csv_row_per_run_and_one_table_row_per_group(tmp_pa
     tables = write_report(runs, tmp_path / "report")
     csv = (tmp_path / "report" / "runs.csv").read_text().splitlines()
     assert len(csv) == 1 + 8 and "group" in csv[0] and "train seed" in csv[0]
+    assert (tmp_path / "report" / "fid_by_run.png").stat().st_size > 0
     md = (tmp_path / "report" / "tables.md").read_text()
     assert "| base |" in md and "| redi |" in md and "ΔFID vs base" in md and "2 standard errors" in md
     assert list(tables["runs"]["n"]) == [4, 4]
@@ -234,3 +236,11 @@ def test_the_html_tables_hold_the_markdown_tables_cells(tmp_path):
     assert "redi&lt;&amp;&gt;" in page  # escaped in the source
     notes = [line for line in md.splitlines() if line.startswith("All rows:")]
     assert notes and all(note.replace("&", "&amp;") in page for note in notes)
+
+
+def test_fid_by_run_draws_every_run_of_a_row_and_rows_per_table():
+    runs = [record(f"{g}@t{t}s{s}", 100.0 * (g == "base") + 10 * t + s, 800, tables=tables, label=g, group=g)
+            for g, tables in (("base", ("a", "b")), ("redi", ("a",))) for t in (0, 1) for s in (0, 1)]
+    rows = fid_rows(runs)
+    assert rows == {"a": {"base": [100.0, 101.0, 110.0, 111.0], "redi": [0.0, 1.0, 10.0, 11.0]},
+                    "b": {"base": [100.0, 101.0, 110.0, 111.0]}}

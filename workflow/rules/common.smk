@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, update_config
 
 import redi.stages as registry
+from redi.checkpoints import FINAL, snapshot_path
 from redi.config import config_flags, validate_config
 from redi.errors import ConfigError
 from redi.runs import expand_runs
@@ -321,7 +322,7 @@ def fetched_files():
 def sample_checkpoint(run):
     """What `sample` waits for: sample.checkpoint (official DiT/SiT) or the run's final.pt."""
     trained = stage_dir("train", stage_run("train", run))
-    return run_config(run)["sample"]["checkpoint"] or f"{trained}/final.pt"
+    return run_config(run)["sample"]["checkpoint"] or f"{trained}/{FINAL}"
 
 
 def oracle_features(run):
@@ -337,7 +338,7 @@ def sample_weights(wildcards):
     if not step:
         return sample_checkpoint(wildcards.run)
     trained = stage_dir("train", stage_run("train", wildcards.run))
-    return f"{trained}/snapshots/step-{step:09d}.pt"
+    return str(snapshot_path(trained, step))
 
 
 def inception_weights():

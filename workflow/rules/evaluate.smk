@@ -97,6 +97,12 @@ rule report:
             category="Results",
             labels={"result": "FID vs training step"},
         ),
+        fid_spread=report(
+            f"{stage_dir('report')}/fid_by_run.png",
+            caption="../report/fid_by_run.rst",
+            category="Results",
+            labels={"result": "FID of every run"},
+        ),
         curves=report(
             f"{stage_dir('report')}/training.png",
             caption="../report/training.rst",

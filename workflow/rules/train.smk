@@ -13,7 +13,7 @@ rule train:
             )
         ),
     output:
-        final=protected(f"{run_pattern('train')}/final.pt"),
+        final=protected(f"{run_pattern('train')}/{FINAL}"),
         manifest=f"{run_pattern('train')}/manifest.json",
     log:
         log_file("train"),
