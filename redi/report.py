@@ -28,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from .checkpoints import SNAPSHOTS  # noqa: E402
 from .errors import ReDiError  # noqa: E402
@@ -225,9 +226,9 @@ def _fmt(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        if abs(value) >= 1 or value == 0:
+        if abs(value) >= 0.1 or value == 0:  # 0.00, 0.20, 1.50, 338.65: one format down a column
             return f"{value:.2f}"
-        return f"{value:.3f}" if abs(value) >= 0.01 else f"{value:.2g}"  # 0.004, 0.0003
+        return f"{value:.3f}" if abs(value) >= 0.01 else f"{value:.2g}"  # 0.025, 0.004, 0.0003
     return str(value)
 
 
@@ -476,9 +477,12 @@ def plot_training(records: list[dict], path: Path) -> None:
     axes[0].set(title="image loss (MSE_x)", xlabel="training step", yscale="log")
     # concat's z loss is over bilinearly upsampled maps at the latent's resolution: not comparable
     # with merged/separate, whose z lives on the token grid
-    axes[1].set(title="representation loss (MSE_z; concat: at latent resolution)", xlabel="training step",
-                yscale="log")
+    axes[1].set(title="representation loss (MSE_z)\nconcat: at the latent resolution, not comparable",
+                xlabel="training step", yscale="log")
     for ax in axes:
+        ax.title.set_fontsize(10)
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 5.2, not 5.2 x 10^0
+            axis(FormatStrFormatter("%g"))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     _save(fig, path)

@@ -41,7 +41,7 @@ with sync_playwright() as p:
     for category in ("Results", "Samples", "Training"):
         page.get_by_text(category, exact=True).last.click()  # the first match is the sidebar's heading
         page.wait_for_timeout(800)
-        rows = page.locator("tr")
+        rows = page.locator("tr:has(td)")  # the header row has th cells only
         for i in range(rows.count()):
             label = rows.nth(i).locator("td").first.inner_text().strip()
             rows.nth(i).locator("a").first.click()  # the eye icon: shows the result
