@@ -377,7 +377,9 @@ def plot_grids(records: list[dict], path: Path) -> None:
                     side.set_visible(False)
         fid = record.get("FID")
         kind = "one row per class" if record.get("cond.") else "unconditional"
-        ax.set_title(f"{record['run']}\n" + (f"FID {fid:.1f}, " if fid is not None else "") + kind,
+        seeds = (f" (train seed {record['train seed']}, sample seed {record['seed']})"
+                 if record.get("train seed") is not None else "")  # one run of its group: say which
+        ax.set_title(f"{record['run']}\n" + (f"FID {fid:.1f}{seeds}, " if fid is not None else "") + kind,
                      fontsize=9)
     _save(fig, path)
 
@@ -453,10 +455,15 @@ def training_labels(records: list[dict]) -> dict[str, str]:
     """train_dir -> the label of the run that trains there (sampling variants share its line)."""
     labels = {r["name"]: r["run"] for r in records}
     trainings: dict[str, str] = {}
+    seeds: dict[str, object] = {}
     for record in records:
         if record.get("train_dir"):
             trainings.setdefault(record["train_dir"], labels.get(record["training"], record["run"]))
-    return trainings
+            seeds.setdefault(record["train_dir"], record.get("train seed"))
+    shared = [label for label in set(trainings.values()) if list(trainings.values()).count(label) > 1]
+    return {train_dir: f"{label} (train seed {seeds[train_dir]})"
+            if label in shared and seeds[train_dir] is not None else label
+            for train_dir, label in trainings.items()}  # a group's trainings differ by their seed
 
 
 def plot_training(records: list[dict], path: Path) -> None:

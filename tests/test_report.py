@@ -244,3 +244,12 @@ def test_fid_by_run_draws_every_run_of_a_row_and_rows_per_table():
     rows = fid_rows(runs)
     assert rows == {"a": {"base": [100.0, 101.0, 110.0, 111.0], "redi": [0.0, 1.0, 10.0, 11.0]},
                     "b": {"base": [100.0, 101.0, 110.0, 111.0]}}
+
+
+def test_the_trainings_of_a_seed_group_are_told_apart_by_their_seed():
+    runs = [record(f"base@t{t}s{s}", 100.0, 800, label="SiT baseline", group="base", train_dir=f"train/t{t}",
+                   training=f"base@t{t}s0", **{"train seed": t}) for t in (0, 1) for s in (0, 1)]
+    runs.append(record("redi", 90.0, 800, label="ReDi", group="redi", train_dir="train/redi",
+                       **{"train seed": 0}))
+    assert training_labels(runs) == {"train/t0": "SiT baseline (train seed 0)",
+                                     "train/t1": "SiT baseline (train seed 1)", "train/redi": "ReDi"}
