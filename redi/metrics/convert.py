@@ -9,11 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ReDiError
-from ..io import (
-    atomic_path,
-    fingerprint,
-    write_manifest,
-)
+from ..io import atomic_path, fingerprint, write_manifest
 from .inception import InceptionFeatures, convert_tf_inception, fid_helper_torchscript
 
 

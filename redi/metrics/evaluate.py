@@ -14,10 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import ReDiError
-from ..io import (
-    sha256_file,
-    write_json,
-)
+from ..io import sha256_file, write_json
 from .dinov2 import DINOV2_KEY, load_dinov2
 from .features import FeatureSet, extract, fp32_device, load_inception, read_reference, stats_of, weights_id
 from .images import image_source

@@ -13,10 +13,7 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import ReDiError
-from ..io import (
-    fingerprint,
-    load_npz,
-)
+from ..io import fingerprint, load_npz
 from ..progress import progress
 from .dinov2 import DINOV2_KEY, DinoV2Features
 from .inception import InceptionFeatures, convert_tf_inception, fid_helper_torchscript

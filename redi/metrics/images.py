@@ -12,10 +12,7 @@ from PIL import Image
 
 from ..data.reader import iter_batches
 from ..errors import ReDiError
-from ..io import (
-    read_manifest,
-    require_file,
-)
+from ..io import read_manifest, require_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
