@@ -343,6 +343,20 @@ def build_variant(fusion: str, args, device) -> dict:
             "times": [], "cpu_times": [], "peak_mib": 0.0, "resident_mib": 0.0, "loss": None, "error": None}
 
 
+def synthetic_training_data(args):
+    """The data as train.py holds it: TrainingData over float16 rows of a synthetic latents.h5 /
+    pca_features.h5 pair (two batches' worth; the files are read into memory and removed)."""
+    from redi.data.training_data import TrainingData
+
+    grid, b = args.input_size // args.patch, args.batch
+    work = Path(tempfile.mkdtemp(prefix="redi-step-"))
+    try:
+        pair = write_synthetic_pair(work, 2 * b, args.rep_channels, args.input_size, grid, 2 * b, args.seed)
+        return TrainingData(pair["latents"], pair["features"], args.rep_channels, seed=args.seed)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def train_step(v: dict, data, batch_size: int, device) -> dict:
     """One step of redi.train's loop, logging and checkpointing aside: next_batch on the device (pinned
     float16 rows on CUDA) + TrainStep; synchronised, and the non-finite flags read, after it."""
@@ -392,15 +406,8 @@ def bench_model(args) -> dict:
     device = torch.device(args.device)
     allow_tf32(device)  # as train.py
     variants = [build_variant(f, args, device) for f in args.fusions]
-    from redi.data.training_data import TrainingData
-
-    s, grid, b = args.input_size, args.input_size // args.patch, args.batch
-    work = Path(tempfile.mkdtemp(prefix="redi-step-"))
-    try:  # the data as train.py holds it: float16 rows of a latents.h5 / pca_features.h5 pair in memory
-        pair = write_synthetic_pair(work, 2 * b, args.rep_channels, s, grid, 2 * b, args.seed)
-        data = TrainingData(pair["latents"], pair["features"], args.rep_channels, seed=args.seed)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    s, b = args.input_size, args.batch
+    data = synthetic_training_data(args)
     oom = getattr(torch, "OutOfMemoryError", getattr(torch.cuda, "OutOfMemoryError", RuntimeError))
     torch.manual_seed(args.seed * 1000)
     cycle = cycle_rounds(len(variants))
@@ -538,13 +545,8 @@ def bench_grad_norm(args) -> dict:
         torch.set_num_threads(args.threads)
     variant = build_variant(args.fusions[0], args, torch.device("cpu"))
     model, step = variant["model"], variant["step"]
-    s, grid, b = args.input_size, args.input_size // args.patch, args.batch
-    g = torch.Generator().manual_seed(args.seed)
-    batch = {"mean": torch.randn(b, 4, s, s, generator=g), "std": torch.full((b, 4, s, s), 0.05),
-             "z": torch.randn(b, args.rep_channels, grid, grid, generator=g),
-             "y": torch.randint(0, 1000, (b,), generator=g), "index": torch.arange(b)}
     step.opt.step = lambda: None  # keep the gradients: only the norm work is timed below
-    step(batch, 1)
+    step(synthetic_training_data(args).next_batch(args.batch), 1)
     params = list(model.parameters())
     times: dict[str, list[float]] = {"clip_grad_norm_(inf)": [], "get_total_norm": []}
     for i in range(2 * args.steps):

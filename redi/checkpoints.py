@@ -31,9 +31,14 @@ def snapshot_path(train_dir: str | Path, step: int) -> Path:
     return Path(train_dir) / SNAPSHOTS / f"step-{step:09d}.pt"
 
 
+def checkpoint_files(out_dir: str | Path) -> list[Path]:
+    """The resumable checkpoints of a run folder, oldest first (step numbers are zero-padded)."""
+    return sorted((Path(out_dir) / CHECKPOINTS).glob("step-*.pt"))
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest checkpoint of a run folder, or None."""
-    found = sorted((Path(out_dir) / CHECKPOINTS).glob("step-*.pt"))
+    found = checkpoint_files(out_dir)
     return found[-1] if found else None
 
 
@@ -41,7 +46,7 @@ def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
     """Write checkpoints/step-<step>.pt atomically; drop the oldest beyond `keep`."""
     path = checkpoint_path(out_dir, state["step"])
     save_torch(path, state)
-    for old in sorted((Path(out_dir) / CHECKPOINTS).glob("step-*.pt"))[:-keep]:
+    for old in checkpoint_files(out_dir)[:-keep]:
         old.unlink()
     return path
 
@@ -66,7 +71,7 @@ def load_checkpoint(path: Path) -> dict:
 def resume_checkpoint(out_dir: Path, set_aside: bool = True) -> tuple[Path | None, dict | None]:
     """The newest checkpoint that loads, and its state. Unreadable newer ones (a truncated copy, a
     disk error) are skipped; with `set_aside` (rank 0) renamed `<name>.unreadable` with a warning."""
-    for path in sorted((Path(out_dir) / CHECKPOINTS).glob("step-*.pt"), reverse=True):
+    for path in reversed(checkpoint_files(out_dir)):
         try:
             return path, load_checkpoint(path)
         except ReDiError as err:
@@ -82,7 +87,7 @@ def set_aside_other_code(out_dir: Path, old: str | None, new: str) -> None:
     """Move checkpoints written by other train code to checkpoints/code-<version>/, saying why."""
     aside = Path(out_dir) / CHECKPOINTS / f"code-{old or 'unrecorded'}"
     aside.mkdir(parents=True, exist_ok=True)
-    found = sorted((Path(out_dir) / CHECKPOINTS).glob("step-*.pt"))
+    found = checkpoint_files(out_dir)
     for path in found:
         os.replace(path, aside / path.name)
     print(f"train: not resuming: {len(found)} checkpoint(s) in {Path(out_dir) / CHECKPOINTS} were written by "

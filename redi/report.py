@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
 from html import escape
 from pathlib import Path
 
@@ -259,15 +260,19 @@ def protocol_line(frame: pd.DataFrame) -> str:
     return ", ".join(f"{column} {_fmt(value)}" for column, value in frame.attrs["protocol"].items())
 
 
+def table_notes(frame: pd.DataFrame) -> list[str]:
+    """What is said under a table: the protocol its rows share, and how seeded rows are summarised."""
+    notes = [f"All rows: {protocol_line(frame)}."] if frame.attrs.get("protocol") else []
+    return notes + ([PAIRED_NOTE] if frame.attrs.get("paired") else [])
+
+
 def markdown(tables: dict[str, pd.DataFrame]) -> str:
     lines = []
     for name, frame in tables.items():
         lines += [f"## {name}", "", "| " + " | ".join(frame.columns) + " |",
                   "|" + "|".join(" --- " for _ in frame.columns) + "|"]
         lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-        lines += ["", f"All rows: {protocol_line(frame)}.", ""] if frame.attrs.get("protocol") else [""]
-        if frame.attrs.get("paired"):
-            lines += [PAIRED_NOTE, ""]
+        lines += [""] + [line for note in table_notes(frame) for line in (note, "")]
     return "\n".join(lines)
 
 
@@ -286,10 +291,7 @@ def html(tables: dict[str, pd.DataFrame]) -> str:
         parts += ["<tr>" + "".join(f"<td>{escape(_fmt(v))}</td>" for v in row) + "</tr>"
                   for row in frame.itertuples(index=False)]
         parts.append("</table>")
-        if frame.attrs.get("protocol"):
-            parts.append(f"<p>All rows: {escape(protocol_line(frame))}.</p>")
-        if frame.attrs.get("paired"):
-            parts.append(f"<p>{escape(PAIRED_NOTE)}</p>")
+        parts += [f"<p>{escape(note)}</p>" for note in table_notes(frame)]
     return "\n".join([*parts, "</body></html>", ""])
 
 
@@ -460,9 +462,9 @@ def training_labels(records: list[dict]) -> dict[str, str]:
         if record.get("train_dir"):
             trainings.setdefault(record["train_dir"], labels.get(record["training"], record["run"]))
             seeds.setdefault(record["train_dir"], record.get("train seed"))
-    shared = [label for label in set(trainings.values()) if list(trainings.values()).count(label) > 1]
+    uses = Counter(trainings.values())
     return {train_dir: f"{label} (train seed {seeds[train_dir]})"
-            if label in shared and seeds[train_dir] is not None else label
+            if uses[label] > 1 and seeds[train_dir] is not None else label
             for train_dir, label in trainings.items()}  # a group's trainings differ by their seed
 
 

@@ -87,15 +87,16 @@ class TrainingData:
                 "y": self.labels[idx]}
         if device is not None and device.type == "cuda":
             rows = {k: v.pin_memory().to(device, non_blocking=True) for k, v in rows.items()}
-        z_scale = self.z_scale if device is None else self._z_scale_on(device)
+        z_scale = self.z_scale if device is None or device.type == "cpu" else self._z_scale_on(device)
         return {"index": idx + self.first_index, "mean": rows["mean"].float(), "std": rows["std"].float(),
                 "z": rows["z"].float() / z_scale, "y": rows["y"]}
 
     def _z_scale_on(self, device: torch.device) -> torch.Tensor:
-        """z_scale on `device`, copied once."""
-        if self.z_scale.device != device:
-            self.z_scale = self.z_scale.to(device)
-        return self.z_scale
+        """z_scale on a GPU, copied there once (self.z_scale stays on the CPU for CPU batches). Keyed by
+        the device asked for: a tensor sent to `cuda` reports `cuda:0`, which compares unequal."""
+        if getattr(self, "_z_scale_for", None) != device:
+            self._z_scale_for, self._z_scale_there = device, self.z_scale.to(device)
+        return self._z_scale_there
 
     def state_dict(self) -> dict:
         """The sampler's position, for checkpoints."""
