@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -53,3 +55,29 @@ def test_the_parts_share_data_stages_and_reuse_each_others_runs(tmp_path):
     reused = {d for d in one if d.startswith(("train/baseline@", "train/redi-mr@"))}
     assert len(reused) == 4 and reused <= two  # part 2 trains only redi-concat
     assert not {d for d in one if d.startswith("standin-vit/")} & mae  # part 3 retrains the stand-in ViT
+
+
+def test_compare_pairs_groups_across_parts_by_seed_pair_and_by_training(tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, str(REPO / "docs" / "demo_study"))
+    import compare
+
+    seeds = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    base, other = [100.0, 104.0, 101.0, 99.0], [97.0, 100.0, 99.0, 95.0]
+    for name, fids, extra in (("a.csv", base, [(2, 0, 50.0)]), ("b.csv", other, [])):
+        points = [(t, s, f) for (t, s), f in zip(seeds, fids, strict=True)] + extra  # extra: unpaired
+        rows = [{"group": "g", "train seed": t, "seed": s, "FID": f} for t, s, f in points]
+        rows.append({"group": "other", "train seed": 0, "seed": 0, "FID": 1.0})
+        pd.DataFrame(rows).to_csv(tmp_path / name, index=False)
+    by_pair, by_training = compare.paired(compare.load_group(f"{tmp_path}/a.csv:g"),
+                                          compare.load_group(f"{tmp_path}/b.csv:g"))
+    diffs = np.subtract(other, base)
+    assert np.allclose(by_pair.to_numpy(), diffs)
+    assert np.allclose(by_training.to_numpy(), [diffs[:2].mean(), diffs[2:].mean()])
+    monkeypatch.setattr(sys, "argv", ["compare.py", f"{tmp_path}/a.csv:g", f"{tmp_path}/b.csv:g"])
+    compare.main()
+    sem = diffs.std(ddof=1) / 2
+    mean, std = diffs.mean(), diffs.std(ddof=1)
+    expected = f"by seed pair {mean:+.2f} ± {std:.2f} (n = 4, {mean / sem:+.1f} SE)"
+    assert expected in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no rows of group 'missing'"):
+        compare.load_group(f"{tmp_path}/a.csv:missing")
