@@ -16,9 +16,13 @@ from redi.runs import deep_merge, expand_runs
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ["demo_study_part1", "demo_study_part2", "demo_study_part3_mae", "demo_study_part3_random",
-         "demo_study_part4", "demo_study_part5_random"]
-# (train seeds, sample seeds) of every group: part 4 has one sample seed (its budget), part 5 four trainings
-SEEDS = {"demo_study_part4": ({0, 1}, {0}), "demo_study_part5_random": ({0, 1, 2, 3}, {0, 1})}
+         "demo_study_part4", "demo_study_part5_baseline", "demo_study_part5_random"]
+# (train seeds, sample seeds) of a group where not (0, 1) x (0, 1): part 4 has one sample seed (its budget),
+# part 5 four trainings (its oracle one sample seed)
+SEEDS = {("demo_study_part4", None): ({0, 1}, {0}),
+         ("demo_study_part5_baseline", "baseline"): ({0, 1, 2, 3}, {0, 1}),
+         ("demo_study_part5_random", "redi-mr"): ({0, 1, 2, 3}, {0, 1}),
+         ("demo_study_part5_random", "redi-mr-oracle"): ({0, 1, 2, 3}, {0})}
 HELD_BACK_SEED = 7
 
 
@@ -33,8 +37,8 @@ def test_every_group_has_two_training_seeds_and_none_uses_the_held_back_one(part
     groups = {}
     for run in runs.values():
         groups.setdefault(run["group"], set()).add((run["seeds"]["train"], run["seeds"]["sample"]))
-    train_seeds, sample_seeds = SEEDS.get(part, ({0, 1}, {0, 1}))
     for group, pairs in groups.items():
+        train_seeds, sample_seeds = SEEDS.get((part, group), SEEDS.get((part, None), ({0, 1}, {0, 1})))
         assert {t for t, _ in pairs} == train_seeds and {s for _, s in pairs} == sample_seeds, group
         assert len(pairs) == len(train_seeds) * len(sample_seeds), group
     assert all(run["sample"]["seed"] != HELD_BACK_SEED for run in runs.values())
