@@ -241,7 +241,7 @@ def test_shipped_config_validates(path):
         assert schema == raw_schema()
         assert validate_config(MINIMAL)["dataset"]["name"] == "toy"
         return
-    if path.name.startswith("demo_study_part"):  # an overlay: used on top of demo_study.yaml
+    if path.name.startswith("demo_study_"):  # an overlay: used on top of demo_study.yaml
         from redi.runs import deep_merge
 
         base = yaml.safe_load((REPO / "config" / "demo_study.yaml").read_text())

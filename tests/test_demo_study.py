@@ -24,6 +24,7 @@ SEEDS = {("demo_study_part4", None): ({0, 1}, {0}),
          ("demo_study_part5_random", "redi-mr"): ({0, 1, 2, 3}, {0, 1}),
          ("demo_study_part5_random", "redi-mr-oracle"): ({0, 1, 2, 3}, {0})}
 HELD_BACK_SEED = 7
+FINALS = ["demo_study_final_baselines", "demo_study_final"]  # the final table: seed 7 on the chosen defaults
 
 
 def part_config(part):
@@ -53,14 +54,29 @@ def planned_dirs(workdir, part):
     return set(re.findall(r"results/mnist-demo/([\w-]+/(?:[\w.@-]+/)?[0-9a-f]{8})/", done.stdout))
 
 
+@pytest.mark.parametrize("final", FINALS)
+def test_the_final_table_samples_only_the_held_back_seed_on_two_trainings(final):
+    runs = expand_runs(part_config(final))
+    tabled = [run for run in runs.values() if run["tables"]]
+    assert tabled and all(run["sample"]["seed"] == HELD_BACK_SEED for run in tabled)
+    for group in {run["group"] for run in tabled}:
+        assert {run["seeds"]["train"] for run in tabled if run["group"] == group} == {0, 1}, group
+
+
 def test_the_parts_share_data_stages_and_reuse_each_others_runs(tmp_path):
-    plans = {part: planned_dirs(tmp_path, part) for part in PARTS}
+    plans = {part: planned_dirs(tmp_path, part) for part in PARTS + FINALS}
     one, two, mae = plans["demo_study_part1"], plans["demo_study_part2"], plans["demo_study_part3_mae"]
     shared = {d for d in one if d.split("/")[0] in ("shards", "latents", "standin-vae", "reference")}
     assert len(shared) == 4 and all(shared <= plan for plan in plans.values())
     reused = {d for d in one if d.startswith(("train/baseline@", "train/redi-mr@"))}
     assert len(reused) == 4 and reused <= two  # part 2 trains only redi-concat
     assert not {d for d in one if d.startswith("standin-vit/")} & mae  # part 3 retrains the stand-in ViT
+    trainings = {part: {d for d in plan if d.startswith("train/")} for part, plan in plans.items()}
+    # the final table samples the parts' trainings; only the random stand-in's unconditional ones are new
+    parts_1_4 = trainings["demo_study_part1"] | trainings["demo_study_part4"]
+    assert trainings["demo_study_final_baselines"] <= parts_1_4
+    new = trainings["demo_study_final"] - trainings["demo_study_part3_random"]
+    assert len(new) == 2 and all(d.startswith("train/uncond-redi@") for d in new)
 
 
 def test_compare_pairs_groups_across_parts_by_seed_pair_and_by_training(tmp_path, capsys, monkeypatch):
