@@ -80,7 +80,7 @@ def test_the_parts_share_data_stages_and_reuse_each_others_runs(tmp_path):
 
 
 def test_compare_pairs_groups_across_parts_by_seed_pair_and_by_training(tmp_path, capsys, monkeypatch):
-    sys.path.insert(0, str(REPO / "docs" / "demo_study"))
+    monkeypatch.syspath_prepend(str(REPO / "docs" / "demo_study"))
     import compare
 
     seeds = [(0, 0), (0, 1), (1, 0), (1, 1)]
