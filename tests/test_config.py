@@ -231,6 +231,7 @@ def test_load_config_empty_file_reports_missing_name(tmp_path):
 
 # The shipped configs (config/*.yaml; there may be none yet) and the schema itself.
 SHIPPED = sorted((REPO / "config").glob("*.yaml"))
+OVERLAID = {"demo_full.yaml": "config.yaml"}  # overlay -> its base (demo_study_* -> demo_study.yaml)
 
 
 @pytest.mark.parametrize("path", [*SHIPPED, "schema"], ids=[*(p.name for p in SHIPPED), "schema"])
@@ -241,10 +242,11 @@ def test_shipped_config_validates(path):
         assert schema == raw_schema()
         assert validate_config(MINIMAL)["dataset"]["name"] == "toy"
         return
-    if path.name.startswith("demo_study_"):  # an overlay: used on top of demo_study.yaml
+    base = OVERLAID.get(path.name, "demo_study.yaml" if path.name.startswith("demo_study_") else None)
+    if base:  # an overlay: used on top of its base config
         from redi.runs import deep_merge
 
-        base = yaml.safe_load((REPO / "config" / "demo_study.yaml").read_text())
+        base = yaml.safe_load((REPO / "config" / base).read_text())
         config = validate_config(deep_merge(base, yaml.safe_load(path.read_text())), source=str(path))
     else:
         config = load_config(path)

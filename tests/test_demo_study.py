@@ -16,10 +16,13 @@ from redi.runs import deep_merge, expand_runs
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ["demo_study_part1", "demo_study_part2", "demo_study_part3_mae", "demo_study_part3_random",
-         "demo_study_part4", "demo_study_part5_baseline", "demo_study_part5_random"]
+         "demo_study_part4", "demo_study_part5_baseline", "demo_study_part5_random",
+         "demo_study_part6_baseline", "demo_study_part6_random"]
 # (train seeds, sample seeds) of a group where not (0, 1) x (0, 1): part 4 has one sample seed (its budget),
-# part 5 four trainings (its oracle one sample seed)
+# part 5 four trainings (its oracle one sample seed), part 6 the snapshots of part 5's new trainings
 SEEDS = {("demo_study_part4", None): ({0, 1}, {0}),
+         ("demo_study_part6_baseline", None): ({2, 3}, {0}),
+         ("demo_study_part6_random", None): ({2, 3}, {0}),
          ("demo_study_part5_baseline", "baseline"): ({0, 1, 2, 3}, {0, 1}),
          ("demo_study_part5_random", "redi-mr"): ({0, 1, 2, 3}, {0, 1}),
          ("demo_study_part5_random", "redi-mr-oracle"): ({0, 1, 2, 3}, {0})}
@@ -45,11 +48,13 @@ def test_every_group_has_two_training_seeds_and_none_uses_the_held_back_one(part
     assert all(run["sample"]["seed"] != HELD_BACK_SEED for run in runs.values())
 
 
-def planned_dirs(workdir, part):
+def planned_dirs(workdir, part, base="demo_study"):
+    """The result folders a dry run of config/<base>.yaml + config/<part>.yaml plans (part None: the
+    default, config/config.yaml alone)."""
+    configs = [] if part is None else ["--configfile", *(str(REPO / "config" / f"{name}.yaml")
+                                                       for name in (base, part))]
     done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-                           str(workdir), "--configfile", str(REPO / "config" / "demo_study.yaml"),
-                           str(REPO / "config" / f"{part}.yaml"), "-n"], capture_output=True, text=True,
-                          timeout=300)
+                           str(workdir), *configs, "-n"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return set(re.findall(r"results/mnist-demo/([\w-]+/(?:[\w.@-]+/)?[0-9a-f]{8})/", done.stdout))
 
@@ -77,6 +82,8 @@ def test_the_parts_share_data_stages_and_reuse_each_others_runs(tmp_path):
     assert trainings["demo_study_final_baselines"] <= parts_1_4
     new = trainings["demo_study_final"] - trainings["demo_study_part3_random"]
     assert len(new) == 2 and all(d.startswith("train/uncond-redi@") for d in new)
+    for kind in ("baseline", "random"):  # part 6 samples part 5's snapshots and trains nothing
+        assert trainings[f"demo_study_part6_{kind}"] <= trainings[f"demo_study_part5_{kind}"]
 
 
 def test_compare_pairs_groups_across_parts_by_seed_pair_and_by_training(tmp_path, capsys, monkeypatch):
@@ -103,3 +110,54 @@ def test_compare_pairs_groups_across_parts_by_seed_pair_and_by_training(tmp_path
     assert expected in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no rows of group 'missing'"):
         compare.load_group(f"{tmp_path}/a.csv:missing")
+
+
+def test_the_full_demo_adds_a_sample_seed_and_rg_to_the_defaults_runs(tmp_path):
+    """config/demo_full.yaml reuses every folder of the default demo but its report, and adds exactly
+    the second sample seed of its four runs and the RG run's two samples."""
+    default, full = planned_dirs(tmp_path, None), planned_dirs(tmp_path, "demo_full", base="config")
+    assert {d for d in default - full} == {d for d in default if d.startswith("report/")}
+    added = {d.rsplit("/", 1)[0] for d in full - default if not d.startswith("report/")}
+    seed_1 = {f"samples/{run}@t0s1" for run in ("baseline", "redi-mr", "uncond-baseline", "uncond-redi")}
+    assert added == seed_1 | {"samples/uncond-redi-rg@t0s0", "samples/uncond-redi-rg@t0s1"}
+
+
+def test_fid_vs_step_folds_step_runs_into_curves_averaging_sample_seeds_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "docs" / "demo_study"))
+    import fid_vs_step
+
+    rng = np.random.default_rng(0)
+    fids = {}  # (csv, step, train seed, sample seed) -> FID
+    for name in ("a.csv", "b.csv"):
+        rows = []
+        for step in (200, 400, 800):
+            for train_seed in (2, 3):
+                for sample_seed in (0, 1):
+                    fid = fids[name, step, train_seed, sample_seed] = float(rng.uniform(50, 150))
+                    group = "g" if step == 800 else f"g-step{step}"
+                    rows.append({"group": group, "steps": step, "train seed": train_seed, "seed": sample_seed,
+                                 "FID": fid})
+        rows.append({"group": "gg-step200", "steps": 200, "train seed": 2, "seed": 0, "FID": 1e6})  # not g's
+        pd.DataFrame(rows).to_csv(tmp_path / name, index=False)
+    curve_a, curve_b = (fid_vs_step.load_curve(f"{tmp_path}/{name}:g") for name in ("a.csv", "b.csv"))
+
+    def per_training(name, step):
+        return [np.mean([fids[name, step, t, s] for s in (0, 1)]) for t in (2, 3)]
+
+    stats = fid_vs_step.by_step(curve_a)
+    assert list(stats.index) == [200, 400, 800] and list(stats["n"]) == [2, 2, 2]
+    for step in (200, 400, 800):
+        assert np.isclose(stats.loc[step, "mean"], np.mean(per_training("a.csv", step)))
+        assert np.isclose(stats.loc[step, "std"], np.std(per_training("a.csv", step), ddof=1))
+        diff = np.subtract(per_training("b.csv", step), per_training("a.csv", step))
+        paired = fid_vs_step.paired_by_step(curve_a, curve_b).loc[step]
+        assert np.isclose(paired["mean"], diff.mean()) and np.isclose(paired["std"], diff.std(ddof=1))
+    figure = tmp_path / "steps.png"
+    monkeypatch.setattr(sys, "argv", ["fid_vs_step.py", f"{tmp_path}/a.csv:g", f"{tmp_path}/b.csv:g",
+                                      "--plot", str(figure)])
+    fid_vs_step.main()
+    assert figure.stat().st_size > 0
+    expected = f"step 200: FID {stats.loc[200, 'mean']:.2f} ± {stats.loc[200, 'std']:.2f} (n = 2)"
+    assert expected in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no rows of group 'missing'"):
+        fid_vs_step.load_curve(f"{tmp_path}/a.csv:missing")
