@@ -17,10 +17,12 @@ from redi.runs import deep_merge, expand_runs
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ["demo_study_part1", "demo_study_part2", "demo_study_part3_mae", "demo_study_part3_random",
          "demo_study_part4", "demo_study_part5_baseline", "demo_study_part5_random",
-         "demo_study_part6_baseline", "demo_study_part6_random"]
+         "demo_study_part6_baseline", "demo_study_part6_random", "demo_study_part7"]
 # (train seeds, sample seeds) of a group where not (0, 1) x (0, 1): part 4 has one sample seed (its budget),
-# part 5 four trainings (its oracle one sample seed), part 6 the snapshots of part 5's new trainings
+# part 5 four trainings (its oracle one sample seed), part 6 the snapshots of part 5's new trainings,
+# part 7 one sample seed
 SEEDS = {("demo_study_part4", None): ({0, 1}, {0}),
+         ("demo_study_part7", None): ({0, 1}, {0}),
          ("demo_study_part6_baseline", None): ({2, 3}, {0}),
          ("demo_study_part6_random", None): ({2, 3}, {0}),
          ("demo_study_part5_baseline", "baseline"): ({0, 1, 2, 3}, {0, 1}),
@@ -84,6 +86,7 @@ def test_the_parts_share_data_stages_and_reuse_each_others_runs(tmp_path):
     assert len(new) == 2 and all(d.startswith("train/uncond-redi@") for d in new)
     for kind in ("baseline", "random"):  # part 6 samples part 5's snapshots and trains nothing
         assert trainings[f"demo_study_part6_{kind}"] <= trainings[f"demo_study_part5_{kind}"]
+    assert trainings["demo_study_part7"] <= trainings["demo_study_final"]  # RG on the final's trainings
 
 
 def test_compare_pairs_groups_across_parts_by_seed_pair_and_by_training(tmp_path, capsys, monkeypatch):
