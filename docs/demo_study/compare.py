@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -21,16 +22,22 @@ import pandas as pd
 HERE = Path(__file__).parent
 
 
-def load_group(spec: str) -> pd.Series:
-    """'runs.csv:group' -> that group's FID indexed by (train seed, sample seed)."""
+def group_rows(spec: str, with_steps: bool = False) -> pd.DataFrame:
+    """'runs.csv:group' (a bare file name: next to this script) -> that group's rows, and with_steps
+    also those of its FID-vs-step runs (`<group>-step<N>`)."""
     path, _, group = spec.rpartition(":")
     file = Path(path) if Path(path).exists() else HERE / path
     rows = pd.read_csv(file)
-    rows = rows[rows["group"] == group]
-    if rows.empty:
-        groups = sorted(set(pd.read_csv(file)["group"]))
-        raise SystemExit(f"{file}: no rows of group '{group}' (groups: {groups})")
-    return rows.set_index(["train seed", "seed"])["FID"].sort_index()
+    pattern = rf"{re.escape(group)}(-step\d+)?" if with_steps else re.escape(group)
+    mine = rows[rows["group"].map(lambda name: re.fullmatch(pattern, name) is not None)]
+    if mine.empty:
+        raise SystemExit(f"{file}: no rows of group '{group}' (groups: {sorted(set(rows['group']))})")
+    return mine
+
+
+def load_group(spec: str) -> pd.Series:
+    """'runs.csv:group' -> that group's FID indexed by (train seed, sample seed)."""
+    return group_rows(spec).set_index(["train seed", "seed"])["FID"].sort_index()
 
 
 def summary(values: pd.Series) -> str:

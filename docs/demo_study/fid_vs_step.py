@@ -13,23 +13,16 @@ drawn thin behind it.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import pandas as pd
-
-HERE = Path(__file__).parent
+from compare import HERE, group_rows  # this folder's sibling script
 
 
 def load_curve(spec: str) -> pd.Series:
     """'runs.csv:group' -> FID indexed by (step, train seed), sample seeds averaged per training."""
-    path, _, group = spec.rpartition(":")
-    file = Path(path) if Path(path).exists() else HERE / path
-    rows = pd.read_csv(file)
-    mine = rows[rows["group"].map(lambda g: re.fullmatch(rf"{re.escape(group)}(-step\d+)?", g) is not None)]
-    if mine.empty:
-        raise SystemExit(f"{file}: no rows of group '{group}' (groups: {sorted(set(rows['group']))})")
-    return mine.groupby(["steps", "train seed"])["FID"].mean().sort_index()
+    rows = group_rows(spec, with_steps=True)
+    return rows.groupby(["steps", "train seed"])["FID"].mean().sort_index()
 
 
 def by_step(curve: pd.Series) -> pd.DataFrame:
